@@ -1,0 +1,174 @@
+"""The CDS Hooks blueprint: discovery, the patient-view service, feedback, health; CORS on all."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import orjson
+from cerberus import Validator
+from flask import Blueprint, Response, current_app, request
+
+from .errors import HookError, outcome_response
+from .fhir_client import DataUnavailable
+from .hook_request import UUID_PATTERN, parse_hook_request
+from .logs import hook_context
+from .service import ServiceState
+
+log = logging.getLogger(__name__)
+bp = Blueprint("cds", __name__)
+
+FEEDBACK_SCHEMA: dict[str, Any] = {
+    "feedback": {
+        "type": "list",
+        "required": True,
+        "minlength": 1,
+        "maxlength": 1000,
+        "schema": {
+            "type": "dict",
+            "allow_unknown": True,
+            "schema": {
+                "card": {"type": "string", "required": True, "regex": UUID_PATTERN},
+                "outcome": {"type": "string", "required": True, "allowed": ["accepted", "overridden"]},
+                "outcomeTimestamp": {"type": "string", "required": True, "empty": False},
+                "acceptedSuggestions": {
+                    "type": "list",
+                    "schema": {"type": "dict", "allow_unknown": True,
+                               "schema": {"id": {"type": "string", "required": True}}},
+                },
+                "overrideReason": {
+                    "type": "dict",
+                    "allow_unknown": True,
+                    "schema": {
+                        "reason": {"type": "dict", "allow_unknown": True,
+                                   "schema": {"code": {"type": "string"}, "system": {"type": "string"},
+                                              "display": {"type": "string"}}},
+                        "userComment": {"type": "string"},
+                    },
+                },
+            },
+        },
+    }
+}
+
+
+def state() -> ServiceState:
+    return current_app.extensions["cds"]
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status=status, mimetype="application/json")
+
+
+@bp.after_app_request
+def add_cors_headers(response: Response) -> Response:
+    # The public sandbox calls from a browser on another origin: every route, POST included.
+    response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin") or "*"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+    response.headers["Access-Control-Max-Age"] = "600"
+    response.headers["Vary"] = "Origin"
+    return response
+
+
+@bp.get("/cds-services")
+def discovery() -> Response:
+    return json_response({"services": state().discovery()})
+
+
+@bp.get("/health")
+def health() -> Response:
+    current = state()
+    return json_response({"status": "ok", "trials": [t.id for t in current.screener.trials],
+                          "auth": "jwt" if current.verifier else "open"})
+
+
+def _decode_body() -> Any:
+    limit = state().settings.section("server")["max_body_bytes"]
+    if request.content_length is not None and request.content_length > limit:
+        raise HookError(413, f"request body over the limit of {limit} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > limit:
+        raise HookError(413, f"request body over the limit of {limit} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HookError(400, f"the body is not valid JSON ({exc.msg} at position {exc.pos})") from None
+
+
+def _authenticate(service_path: str) -> None:
+    verifier = state().verifier
+    if verifier is None:
+        return
+    from .auth import AuthError  # local: the auth module is optional at import time for the CLI
+
+    try:
+        verifier.verify(request.headers.get("Authorization"), state().audience(service_path))
+    except AuthError as exc:
+        log.warning("client authentication failed: %s", exc.reason)
+        raise HookError(401, "unauthorized") from None
+
+
+@bp.post("/cds-services/<service_id>")
+def call_service(service_id: str) -> Response:
+    started = time.monotonic()
+    current = state()
+    try:
+        _authenticate(request.path)
+        if service_id not in current.service_ids:
+            raise HookError(404, f"no CDS service with id {service_id!r}")
+        body = _decode_body()
+        hook_request = parse_hook_request(body, current.hook_of(service_id))
+    except HookError as exc:
+        current.metrics.hook_call(service_id, exc.status, time.monotonic() - started)
+        return outcome_response(exc.status, exc.diagnostics, exc.expression)
+    with hook_context(hook_request.hook_instance):
+        try:
+            cards = current.answer(service_id, hook_request, started)
+        except HookError as exc:
+            current.metrics.hook_call(service_id, exc.status, time.monotonic() - started)
+            return outcome_response(exc.status, exc.diagnostics, exc.expression)
+        except DataUnavailable as exc:
+            log.warning("answering 412: %s", exc.reason)
+            current.metrics.hook_call(service_id, 412, time.monotonic() - started)
+            return outcome_response(412, f"patient data needed for screening could not be obtained: {exc.reason}")
+        current.metrics.hook_call(service_id, 200, time.monotonic() - started)
+        return json_response({"cards": cards})
+
+
+def _epoch(text: str) -> float | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo else None
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str) -> Response:
+    current = state()
+    try:
+        _authenticate(request.path)
+        if service_id not in current.service_ids:
+            raise HookError(404, f"no CDS service with id {service_id!r}")
+        body = _decode_body()
+        if not isinstance(body, dict):
+            raise HookError(400, "the feedback body must be a JSON object")
+        validator = Validator(FEEDBACK_SCHEMA, allow_unknown=True)
+        if not validator.validate(body):
+            from .hook_request import _paths
+
+            problems = _paths(validator.errors)
+            raise HookError(400, "invalid feedback: " + "; ".join(f"{p}: {m}" for p, m in problems),
+                            sorted({p for p, _ in problems}))
+        for index, item in enumerate(body["feedback"]):
+            if _epoch(item["outcomeTimestamp"]) is None:
+                raise HookError(400, f"feedback[{index}].outcomeTimestamp: not an ISO 8601 instant with a time zone",
+                                [f"feedback.{index}.outcomeTimestamp"])
+    except HookError as exc:
+        return outcome_response(exc.status, exc.diagnostics, exc.expression)
+    for item in body["feedback"]:
+        current.record_feedback(item, _epoch(item["outcomeTimestamp"]) or time.time())
+    return Response(status=200)

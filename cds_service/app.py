@@ -1,0 +1,51 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+from .api import bp
+from .config import Settings, load_settings
+from .errors import outcome_response
+from .logs import configure_logging
+from .metrics import Metrics
+from .screening import Screener
+from .service import ServiceState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, screener: Screener | None = None,
+               metrics: Metrics | None = None) -> Flask:
+    """Build the app. Knowledge files are loaded and validated here: a bad file stops start-up."""
+    settings = settings or load_settings()
+    configure_logging(settings.section("logging")["level"])
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.section("server")["max_body_bytes"]
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    state = ServiceState(settings, screener, metrics)
+    app.extensions["cds"] = state
+    app.register_blueprint(bp)
+
+    @app.get("/metrics")
+    def metrics_route() -> Response:
+        body, content_type = state.metrics.exposition()
+        return Response(body, mimetype=content_type.split(";")[0])
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 400
+        return outcome_response(status, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:  # pragma: no cover - the hypothesis test hunts for these
+        log.exception("unexpected error (%s)", type(exc).__name__)
+        return outcome_response(500, "internal error: the screening could not be completed")
+
+    if state.verifier is None:
+        log.warning("RUNNING OPEN: no trusted CDS clients configured (security.trusted_clients); "
+                    "any caller can invoke the hook. Use only for local work and sandboxes.")
+    return app

@@ -1,0 +1,214 @@
+"""``cds-service`` command line: serve, evaluate, check, screening-log."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .config import ConfigError, Settings, load_settings
+from .datafiles import DataFileError
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    extra: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is not None:
+            section, name = key.split("__")
+            extra.setdefault(section, {})[name] = value
+    return load_settings(getattr(args, "config", None), overrides=extra)
+
+
+def parse_at(text: str | None) -> float | None:
+    if text is None:
+        return None
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"--at needs a time zone offset (e.g. {text}Z): {text!r}")
+    return moment.timestamp()
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from .app import create_app
+
+    settings = _settings(args, server__host=args.host, server__port=args.port, server__workers=args.workers)
+    server = settings.section("server")
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Aggregate /metrics across gunicorn workers.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cds-metrics-")
+    app = create_app(settings)  # loads and validates every knowledge file before any worker starts
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{server['host']}:{server['port']}")
+            self.cfg.set("workers", settings.workers)
+            self.cfg.set("worker_class", "sync")  # sync workers = cores (infrastructure.md)
+            self.cfg.set("timeout", 30)
+            self.cfg.set("keepalive", 5)
+            self.cfg.set("accesslog", None)
+            self.cfg.set("preload_app", True)
+
+        def load(self) -> Any:
+            return app
+
+    print(f"cds-service: serving on http://{server['host']}:{server['port']}/cds-services "
+          f"with {settings.workers} workers ({settings.source})", file=sys.stderr)
+    Server().run()
+    return 0
+
+
+# -- evaluate ---------------------------------------------------------------------------------------
+
+
+def _load_input(path: Path) -> dict[str, Any]:
+    data = orjson.loads(path.read_bytes())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object (a hook request or a FHIR Bundle)")
+    return data
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .fhir_client import DataUnavailable, FhirClient
+    from .hook_request import parse_hook_request
+    from .patient_data import RawPatientData, gather
+    from .screening import Screener
+
+    settings = _settings(args)
+    screener = Screener(settings)
+    document = _load_input(Path(args.file))
+    at = args.at if args.at is not None else time.time()
+    if document.get("resourceType") == "Bundle":
+        resources = [e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)]
+        patients = [r for r in resources if isinstance(r, dict) and r.get("resourceType") == "Patient"]
+        if len(patients) != 1:
+            print(f"{args.file}: a Bundle must hold exactly one Patient (found {len(patients)})", file=sys.stderr)
+            return 2
+        data = RawPatientData(patient=patients[0], resources={"bundle": [r for r in resources if r is not patients[0]]})
+        patient_id = str(patients[0].get("id", "patient"))
+    else:
+        request = parse_hook_request(document, "patient-view")
+        client = FhirClient(settings.section("fhir")) if request.fhir_server else None
+        try:
+            data = gather(request, screener.plan, client, settings.section("fhir"), at)
+        except DataUnavailable as exc:
+            print(f"patient data could not be obtained: {exc.reason}", file=sys.stderr)
+            return 3
+        patient_id = request.patient_id
+    outcome = screener.screen(patient_id, data, at)
+    output: dict[str, Any] = {"cards": [card for _, card in screener.cards(outcome)]}
+    if args.explain:
+        output["evaluation"] = [_explain(result) for result in outcome.results]
+        output["unknownCodes"] = dict(outcome.facts.unknown_codes)
+        output["unusableValues"] = [u._asdict() for u in outcome.facts.unusable]
+        output["skippedResources"] = dict(outcome.facts.skipped)
+    sys.stdout.write(orjson.dumps(output, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _explain(result: Any) -> dict[str, Any]:
+    from .facts import format_time
+
+    return {
+        "trial": result.trial.id,
+        "status": result.status,
+        "onset": format_time(result.onset.value) if result.onset.value is not None else None,
+        "windowOpens": format_time(result.window_opens_at) if result.window_opens_at is not None else None,
+        "windowCloses": format_time(result.window_closes_at) if result.window_closes_at is not None else None,
+        "criteria": [
+            {"id": r.criterion.id, "kind": r.criterion.kind, "status": r.status,
+             "evidence": [e.describe() for e in r.evidence], **({"missing": list(r.missing)} if r.missing else {})}
+            for r in result.results
+        ],
+    }
+
+
+# -- check ------------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .screening import Screener
+
+    settings = _settings(args)
+    screener = Screener(settings)
+    knowledge = screener.knowledge
+    codes = sum(len(i.codes) for i in knowledge.inputs.values())
+    print(f"ok: {len(knowledge.inputs)} observation inputs ({codes} codes), {len(knowledge.drugs)} drugs, "
+          f"{len(knowledge.value_sets)} condition value sets, {len(screener.trials)} trials "
+          f"({', '.join(t.id for t in screener.trials)}), card templates — from {settings.data_dir}")
+    return 0
+
+
+# -- screening log ----------------------------------------------------------------------------------
+
+
+def cmd_screening_log(args: argparse.Namespace) -> int:
+    from .store import export_screening_csv, open_store
+
+    settings = _settings(args)
+    store = open_store(settings.section("store")["url"])
+    try:
+        rows = store.screening_log(since=args.since, trial_id=args.trial)
+        export_screening_csv(rows, sys.stdout)
+    finally:
+        store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML configuration file (default: $CDS_CONFIG or the embedded defaults)")
+
+    serve = sub.add_parser("serve", help="run the production server (gunicorn) in the foreground")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--workers", type=int, default=None, help="sync workers (default: one per core)")
+    add_config(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    evaluate = sub.add_parser("evaluate", help="print the cards for a hook request JSON or a FHIR Bundle")
+    evaluate.add_argument("file")
+    evaluate.add_argument("--at", type=parse_at, default=None, help="evaluation time, ISO 8601 with offset")
+    evaluate.add_argument("--explain", action="store_true",
+                          help="also print every trial's criteria results, unknown codes and unusable values")
+    add_config(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    check = sub.add_parser("check", help="validate every mapping, trial and card file")
+    add_config(check)
+    check.set_defaults(func=cmd_check)
+
+    log = sub.add_parser("screening-log", help="export the screening log as CSV (holds patient identifiers)")
+    log.add_argument("--since", type=parse_at, default=None, help="only cards issued since this time")
+    log.add_argument("--trial", default=None, help="only this trial (NCT id)")
+    add_config(log)
+    log.set_defaults(func=cmd_screening_log)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataFileError) as exc:
+        print(f"cds-service: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

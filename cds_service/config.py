@@ -1,0 +1,244 @@
+"""Service configuration: embedded defaults, one optional YAML file, environment overrides.
+
+Precedence (lowest first): the defaults below → the file given by ``--config`` or ``CDS_CONFIG``
+→ environment variables ``CDS_<SECTION>_<KEY>`` (e.g. ``CDS_FHIR_DEADLINE_SECONDS=2.5``).
+With no file at all the service screens every shipped trial, runs open (no JWT check) on
+127.0.0.1:8080 and keeps its store in ``var/cds-service.sqlite3``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cerberus import Validator
+
+#: The repository root: the shipped data folders (mappings/, trials/, cards/) live here.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULTS: dict[str, Any] = {
+    "server": {
+        "host": "127.0.0.1",
+        "port": 8080,
+        "workers": 0,  # 0 = one sync worker per core
+        "max_body_bytes": 64 * 1024 * 1024,
+        # The URL clients use to reach this service (JWT `aud` is checked against it + the route).
+        "public_url": "",
+    },
+    "data": {
+        # Folder holding mappings/, trials/ and cards/. Empty = the repository root.
+        "dir": "",
+    },
+    "screening": {
+        # NCT ids to screen; empty = every trial file in trials/.
+        "trials": [],
+        # Minutes before the enrollment window closes at which an eligible card turns `warning`.
+        "closing_soon_minutes": 120,
+        # Hours an overridden card stays silent for that patient and trial.
+        "override_silence_hours": 24,
+        # Site protocol / screening app shown as a `smart` link on every card ("" = none).
+        "site_link_url": "",
+        "site_link_label": "Site screening protocol",
+        # Who receives the "Refer to the research team" request.
+        "research_team_display": "ICU research team",
+        "research_team_reference": "",
+    },
+    "fhir": {
+        # Base URLs the bearer token may be sent to; empty = any https server (and http if allowed).
+        "allowed_servers": [],
+        "allow_http": False,
+        "deadline_seconds": 3.0,
+        "lookback_hours": 72,
+        "page_size": 1000,
+        "max_pages": 20,
+        "max_workers": 8,
+    },
+    "store": {
+        # sqlite:///path or postgresql://user@host:port/db
+        "url": "sqlite:///var/cds-service.sqlite3",
+    },
+    "security": {
+        # issuer -> {jwks_file: path} or {jwks_url: url} ; jku_allow: list of URL prefixes
+        "trusted_clients": {},
+        "clock_skew_seconds": 60,
+        "jwks_timeout_seconds": 2.0,
+        "jwks_cache_seconds": 3600,
+    },
+    "logging": {
+        "level": "INFO",
+    },
+}
+
+_TRUSTED_CLIENT_SCHEMA = {
+    "type": "dict",
+    "schema": {
+        "jwks_file": {"type": "string", "empty": False},
+        "jwks_url": {"type": "string", "regex": r"^https?://.+"},
+        "jku_allow": {"type": "list", "schema": {"type": "string", "regex": r"^https?://.+"}},
+    },
+}
+
+SCHEMA: dict[str, Any] = {
+    "server": {
+        "type": "dict",
+        "schema": {
+            "host": {"type": "string", "empty": False},
+            "port": {"type": "integer", "min": 1, "max": 65535},
+            "workers": {"type": "integer", "min": 0, "max": 64},
+            "max_body_bytes": {"type": "integer", "min": 1024},
+            "public_url": {"type": "string"},
+        },
+    },
+    "data": {"type": "dict", "schema": {"dir": {"type": "string"}}},
+    "screening": {
+        "type": "dict",
+        "schema": {
+            "trials": {"type": "list", "schema": {"type": "string", "regex": r"^NCT\d{8}$"}},
+            "closing_soon_minutes": {"type": "integer", "min": 0},
+            "override_silence_hours": {"type": "number", "min": 0},
+            "site_link_url": {"type": "string"},
+            "site_link_label": {"type": "string", "empty": False},
+            "research_team_display": {"type": "string", "empty": False},
+            "research_team_reference": {"type": "string"},
+        },
+    },
+    "fhir": {
+        "type": "dict",
+        "schema": {
+            "allowed_servers": {"type": "list", "schema": {"type": "string", "regex": r"^https?://.+"}},
+            "allow_http": {"type": "boolean"},
+            "deadline_seconds": {"type": "number", "min": 0.1, "max": 60},
+            "lookback_hours": {"type": "number", "min": 1, "max": 24 * 30},
+            "page_size": {"type": "integer", "min": 1, "max": 10000},
+            "max_pages": {"type": "integer", "min": 1, "max": 1000},
+            "max_workers": {"type": "integer", "min": 1, "max": 32},
+        },
+    },
+    "store": {"type": "dict", "schema": {"url": {"type": "string", "regex": r"^(sqlite|postgresql|postgres)://.*"}}},
+    "security": {
+        "type": "dict",
+        "schema": {
+            "trusted_clients": {"type": "dict", "keysrules": {"type": "string"}, "valuesrules": _TRUSTED_CLIENT_SCHEMA},
+            "clock_skew_seconds": {"type": "integer", "min": 0, "max": 600},
+            "jwks_timeout_seconds": {"type": "number", "min": 0.1, "max": 30},
+            "jwks_cache_seconds": {"type": "integer", "min": 0},
+        },
+    },
+    "logging": {
+        "type": "dict",
+        "schema": {"level": {"type": "string", "allowed": ["DEBUG", "INFO", "WARNING", "ERROR"]}},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment is invalid; the message names the file and key."""
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "trusted_clients":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _coerce_env(raw: str, default: Any) -> Any:
+    """Environment values are strings; give them the type of the default they replace."""
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, list):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if isinstance(default, dict):
+        loaded = yaml.safe_load(raw)
+        return loaded if isinstance(loaded, dict) else {}
+    return raw
+
+
+def _env_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for section, keys in DEFAULTS.items():
+        for key, default in keys.items():
+            name = f"CDS_{section}_{key}".upper()
+            if name in environ:
+                try:
+                    overrides.setdefault(section, {})[key] = _coerce_env(environ[name], default)
+                except ValueError as exc:
+                    raise ConfigError(f"environment variable {name}: {exc}") from exc
+    return overrides
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Sections are plain dicts; use the properties for derived values."""
+
+    raw: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULTS))
+    source: str = "embedded defaults"
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.raw[name]
+
+    @property
+    def data_dir(self) -> Path:
+        configured = self.raw["data"]["dir"]
+        return Path(configured).resolve() if configured else PROJECT_ROOT
+
+    @property
+    def workers(self) -> int:
+        return self.raw["server"]["workers"] or (os.cpu_count() or 1)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.raw["security"]["trusted_clients"])
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: os._Environ[str] | dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from defaults, an optional file, the environment and explicit overrides."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("CDS_CONFIG") or None
+    raw = copy.deepcopy(DEFAULTS)
+    source = "embedded defaults"
+    if path:
+        file_path = Path(path)
+        try:
+            loaded = yaml.safe_load(file_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{file_path}: cannot read configuration: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file_path}: the configuration must be a mapping of sections")
+        raw = _merge(raw, loaded)
+        source = str(file_path)
+    raw = _merge(raw, _env_overrides(environ))
+    if overrides:
+        raw = _merge(raw, overrides)
+    validator = Validator(SCHEMA)
+    if not validator.validate(raw):
+        problems = "; ".join(_flatten_errors(validator.errors))
+        raise ConfigError(f"{source}: invalid configuration: {problems}")
+    return Settings(raw=raw, source=source)
+
+
+def _flatten_errors(errors: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in errors.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                out.extend(_flatten_errors(item, path))
+            else:
+                out.append(f"{path}: {item}")
+    return out

@@ -1,0 +1,117 @@
+"""Load knowledge files (YAML) and validate them with cerberus.
+
+Every error names the file, the line and the key path, so an informatics analyst editing a
+mapping or trial file can find the mistake without reading Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cerberus import Validator
+
+
+@dataclass(frozen=True)
+class DataFileProblem:
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class DataFileError(ValueError):
+    """One or more knowledge files are invalid."""
+
+    def __init__(self, problems: list[DataFileProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """Walk the composed YAML node tree along a key path; return the 1-based line of the deepest hit."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == str(key)), None)
+            if match is None:
+                match_key = next((k for k, _ in node.value if getattr(k, "value", None) == str(key)), None)
+                return match_key.start_mark.line + 1 if match_key is not None else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def _flatten(errors: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str]]:
+    out: list[tuple[tuple[Any, ...], str]] = []
+    if isinstance(errors, dict):
+        for key, value in errors.items():
+            out.extend(_flatten(value, (*path, key)))
+    elif isinstance(errors, list):
+        for item in errors:
+            out.extend(_flatten(item, path))
+    else:
+        out.append((path, str(errors)))
+    return out
+
+
+def _key_text(path: tuple[Any, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+@dataclass(frozen=True)
+class LoadedFile:
+    path: Path
+    data: Any
+    root: yaml.Node | None
+
+    def line(self, *path: Any) -> int | None:
+        return _line_of(self.root, path)
+
+    def problem(self, path: tuple[Any, ...], message: str) -> DataFileProblem:
+        return DataFileProblem(str(self.path), self.line(*path), _key_text(path), message)
+
+
+def load_yaml(path: Path) -> LoadedFile:
+    """Parse a YAML file, keeping the node tree for line numbers. Raises DataFileError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataFileError([DataFileProblem(str(path), None, "", f"cannot read: {exc.strerror}")]) from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise DataFileError([DataFileProblem(str(path), line, "", f"not valid YAML: {exc}")]) from exc
+    return LoadedFile(path, data, root)
+
+
+def validate(loaded: LoadedFile, schema: dict[str, Any], validator_class: type[Validator] = Validator) -> Any:
+    """Validate with cerberus; return the normalised document or raise DataFileError naming lines."""
+    if not isinstance(loaded.data, dict):
+        raise DataFileError([DataFileProblem(str(loaded.path), 1, "", "the file must hold a mapping")])
+    validator = validator_class(schema)
+    if validator.validate(loaded.data):
+        return validator.document
+    problems = [loaded.problem(path, message) for path, message in _flatten(validator.errors)]
+    raise DataFileError(problems)
+
+
+def load_and_validate(path: Path, schema: dict[str, Any]) -> tuple[LoadedFile, Any]:
+    loaded = load_yaml(path)
+    return loaded, validate(loaded, schema)

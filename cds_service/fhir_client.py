@@ -1,0 +1,446 @@
+"""FHIR R4 REST client for the hook's own data fetches: allow-list, deadline, concurrency, paging.
+
+One :class:`FhirClient` lives for the whole worker process. It keeps one ``requests.Session``
+(connection reuse: ~3x faster than a new connection per call) and one ``ThreadPoolExecutor`` so
+that the searches of one hook run in parallel. Every public call takes an absolute deadline (a
+``time.monotonic()`` value) and returns or raises by that deadline plus :data:`DEADLINE_SLACK`;
+work still running after the deadline is abandoned (its result is dropped), never waited for.
+
+Everything that prevents the evaluation from getting complete data raises :class:`DataUnavailable`
+(the route answers 412). Its ``reason`` is safe to log and to return: it names the resource type
+and the failure ("Observation query (vitals): HTTP 500"), never the URL query (it holds the patient
+id), the access token or other headers.
+
+Token safety: the bearer token is only sent to URLs inside ``base_url`` *and* inside an allowed
+server (``allowed_servers``; when empty, any https server, and http servers only with
+``allow_http``). A server that is not allowed is never contacted at all (:class:`ServerNotAllowed`),
+redirects are never followed, ``next`` links leaving ``base_url`` are never followed, and the
+session of its own keeps no cookies (so nothing learnt from one hook's server leaks into another's).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.cookiejar
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+from urllib.parse import unquote, urljoin, urlsplit
+
+import orjson
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.utils import requote_uri
+
+__all__ = ["DEADLINE_SLACK", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
+
+logger = logging.getLogger(__name__)
+
+#: How long after the deadline a public call may still take to return or raise (seconds).
+DEADLINE_SLACK = 0.05
+#: Body read size: the deadline is checked between reads, so a big slow body is cut off in time.
+_CHUNK_BYTES = 256 * 1024
+_ACCEPT = "application/fhir+json"
+_USER_AGENT = "cds-septic-shock-trials fhir-client"
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_T = TypeVar("_T")
+
+
+class DataUnavailable(Exception):
+    """Data the evaluation needs cannot be had (→ HTTP 412).
+
+    ``reason`` is safe to log: no token, no patient id, no full URL query.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ServerNotAllowed(DataUnavailable):
+    """The FHIR server named by the hook is not one this service may contact."""
+
+
+def _origin_and_path(url: str) -> tuple[str, str, int | None, str]:
+    """(scheme, host, effective port, path without trailing slash) of an absolute URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
+def _inside(url: str, base_url: str) -> bool:
+    """True when ``url`` is ``base_url`` or below it (same scheme, host and port; path under it)."""
+    scheme, host, port, path = _origin_and_path(url)
+    b_scheme, b_host, b_port, b_path = _origin_and_path(base_url)
+    if (scheme, host, port) != (b_scheme, b_host, b_port) or not host:
+        return False
+    # "Patient/../../admin" would be normalised by urllib3 (or the server) to a path outside the base.
+    if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+        return False
+    return path == b_path or path.startswith(b_path + "/")
+
+
+def _resource_type(relative: str) -> str:
+    """The resource type a relative FHIR URL is about, or "FHIR" when it does not look like one."""
+    first = relative.lstrip("/").split("?", 1)[0].split("/", 1)[0]
+    return first if _RESOURCE_TYPE.match(first) else "FHIR"
+
+
+def _join(base_url: str, relative: str) -> str:
+    return base_url.rstrip("/") + "/" + relative.lstrip("/")
+
+
+def _next_link(bundle: dict[str, Any]) -> str | None:
+    links = bundle.get("link")
+    if not isinstance(links, list):
+        return None
+    for link in links:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            return url if isinstance(url, str) and url else None
+    return None
+
+
+def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """``entry[].resource`` of a searchset Bundle, without ``search.mode == "outcome"`` entries."""
+    kind = bundle.get("resourceType")
+    if kind == "OperationOutcome":
+        codes = sorted(
+            {
+                str(issue.get("code"))
+                for issue in bundle.get("issue") or []
+                if isinstance(issue, dict) and isinstance(issue.get("code"), str)
+            }
+        )
+        # Issue codes are a FHIR value set ("not-found", "forbidden"...); diagnostics may name the patient.
+        detail = f" ({', '.join(codes)})" if codes else ""
+        raise DataUnavailable(f"{label}: the server returned an OperationOutcome instead of a Bundle{detail}")
+    if kind != "Bundle":
+        shown = kind if isinstance(kind, str) and _RESOURCE_TYPE.match(kind) else "no resourceType"
+        raise DataUnavailable(f"{label}: expected a Bundle, got {shown}")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise DataUnavailable(f"{label}: malformed Bundle (entry is not a list)")
+    resources: list[dict[str, Any]] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        search = entry.get("search")
+        if isinstance(search, dict) and search.get("mode") == "outcome":
+            continue
+        resource = entry.get("resource")
+        if isinstance(resource, dict):
+            resources.append(resource)
+    return resources
+
+
+def _read_body(response: requests.Response, deadline: float, label: str) -> bytes:
+    """The (decoded) body, read piece by piece with the deadline checked between pieces.
+
+    ``read1`` returns whatever one socket read gives, so a server trickling its body a few bytes at a
+    time cannot keep the worker thread past the deadline (``iter_content`` would block until a whole
+    chunk has arrived). urllib3 < 2.3 has no ``read1``: fall back to ``iter_content`` there.
+    """
+    chunks: list[bytes] = []
+    read1 = getattr(response.raw, "read1", None)
+    pieces = iter(lambda: read1(_CHUNK_BYTES, decode_content=True), b"") if read1 else None
+    for chunk in pieces or response.iter_content(_CHUNK_BYTES):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise DataUnavailable(f"{label}: deadline exceeded")
+    return b"".join(chunks)
+
+
+class FhirClient:
+    """Fetches FHIR data for hooks from the hook's ``fhirServer`` within a deadline.
+
+    ``fhir`` is ``settings.section("fhir")``: ``allowed_servers``, ``allow_http``,
+    ``deadline_seconds``, ``lookback_hours``, ``page_size``, ``max_pages``, ``max_workers``.
+    Thread-safe: concurrent hooks may share one client. Safe across ``fork()`` too: a child process
+    gets a fresh session and pool on first use.
+    """
+
+    def __init__(self, fhir: dict[str, Any], session: requests.Session | None = None) -> None:
+        self.allowed_servers: list[str] = [str(url).rstrip("/") for url in fhir.get("allowed_servers") or []]
+        self.allow_http: bool = bool(fhir.get("allow_http", False))
+        self.deadline_seconds: float = float(fhir.get("deadline_seconds", 3.0))
+        self.lookback_hours: float = float(fhir.get("lookback_hours", 72))
+        self.page_size: int = int(fhir.get("page_size", 1000))
+        self.max_pages: int = int(fhir.get("max_pages", 20))
+        self.max_workers: int = int(fhir.get("max_workers", 8))
+        self._given_session = session
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._session = session or self._new_session()
+        self._executor = self._new_executor()
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        # Pool as many connections per host as there can be concurrent requests (default is 10).
+        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=max(10, self.max_workers * 2))
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.headers["User-Agent"] = _USER_AGENT
+        # No cookies: one shared session serves many users' hooks.
+        session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        return session
+
+    def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="fhir")
+
+    def _pool(self) -> tuple[requests.Session, concurrent.futures.ThreadPoolExecutor]:
+        """The session and executor of this process (rebuilt once after a fork: threads do not survive it)."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._session = self._given_session or self._new_session()
+                    self._executor = self._new_executor()
+                    self._pid = os.getpid()
+        return self._session, self._executor
+
+    def close(self) -> None:
+        """Stop the pool (queued work is cancelled, running requests are abandoned) and the session."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._given_session is None:
+            self._session.close()
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- allow-list ----------------------------------------------------------------------------
+
+    def check_server(self, base_url: str) -> None:
+        """Raise :class:`ServerNotAllowed` unless ``base_url`` is a FHIR base this service may contact."""
+        try:
+            parts = urlsplit(base_url)
+            parts.port  # noqa: B018 - raises ValueError on a non-numeric port
+        except ValueError:
+            raise self._fail(ServerNotAllowed("fhirServer is not a valid URL")) from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise self._fail(ServerNotAllowed("fhirServer is not an absolute http(s) URL"))
+        if parts.username is not None or parts.password is not None:
+            raise self._fail(ServerNotAllowed("fhirServer must not carry credentials"))
+        if parts.query or parts.fragment:
+            raise self._fail(ServerNotAllowed("fhirServer must be a base URL (no query or fragment)"))
+        if scheme == "http" and not self.allow_http:
+            raise self._fail(ServerNotAllowed("fhirServer uses plain http, which is not allowed"))
+        if self.allowed_servers and not any(_inside(base_url, allowed) for allowed in self.allowed_servers):
+            # The host is configuration-independent public information; the path could be anything.
+            raise self._fail(
+                ServerNotAllowed(f"fhirServer {scheme}://{parts.hostname} is not an allowed server")
+            )
+
+    def _token_allowed(self, url: str) -> bool:
+        """True when the bearer token may be sent to ``url`` (which must already be inside base_url)."""
+        if self.allowed_servers:
+            return any(_inside(url, allowed) for allowed in self.allowed_servers)
+        scheme = urlsplit(url).scheme.lower()
+        return scheme == "https" or (scheme == "http" and self.allow_http)
+
+    # -- public calls -------------------------------------------------------------------------
+
+    def search_many(
+        self,
+        base_url: str,
+        token: str | None,
+        queries: dict[str, str],
+        deadline: float,
+        *,
+        single_page: Collection[str] = (),
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Run every search concurrently, following ``next`` links; key -> resources (all pages).
+
+        ``queries`` maps a key to a search relative to ``base_url``, e.g.
+        ``"Observation?patient=123&code=http://loinc.org|2524-7&date=ge2026-11-18T00:00:00Z"``.
+        Values must already be URL-safe: a ``+`` in a time-zone offset must be written ``%2B``.
+        Keys in ``single_page`` get their first page only (``_sort=-date&_count=N``: "the latest N").
+        Raises :class:`DataUnavailable` as soon as one search fails, or at the deadline.
+        """
+        self.check_server(base_url)
+        if not queries:
+            return {}
+        _, executor = self._pool()
+        futures: dict[str, concurrent.futures.Future[list[dict[str, Any]]]] = {}
+        labels: dict[str, str] = {}
+        for key, query in queries.items():
+            labels[key] = f"{_resource_type(query)} query ({key})"
+            futures[key] = executor.submit(
+                self._follow,
+                base_url,
+                token,
+                base_url,
+                _join(base_url, query),
+                deadline,
+                labels[key],
+                set(),
+                pages=0,
+                page_limit=1 if key in single_page else None,
+            )
+        done, pending = concurrent.futures.wait(
+            futures.values(),
+            timeout=max(0.0, deadline - time.monotonic()) + DEADLINE_SLACK,
+            return_when=concurrent.futures.FIRST_EXCEPTION,
+        )
+        failed = [key for key, future in futures.items() if future in done and future.exception() is not None]
+        if failed or pending:
+            for future in pending:
+                future.cancel()  # queued work is dropped; running work is abandoned
+            if failed:
+                error = futures[failed[0]].exception()
+                if isinstance(error, DataUnavailable):
+                    raise self._fail(error)
+                raise error  # type: ignore[misc]  # a bug, not a data problem: let it be a 500
+            late = ", ".join(labels[key] for key, future in futures.items() if future in pending)
+            raise self._fail(DataUnavailable(f"deadline exceeded waiting for {late}"))
+        return {key: future.result() for key, future in futures.items()}
+
+    def follow_next(
+        self, base_url: str, token: str | None, bundle: dict[str, Any], deadline: float
+    ) -> list[dict[str, Any]]:
+        """All resources of a (prefetch) searchset Bundle: its own plus those of its ``next`` pages."""
+        self.check_server(base_url)
+        try:
+            first = _bundle_resources(bundle, "prefetch Bundle")
+        except DataUnavailable as error:
+            raise self._fail(error) from None
+        next_url = _next_link(bundle)
+        if next_url is None:
+            return first
+        kind = first[0].get("resourceType") if first else None
+        if not (isinstance(kind, str) and _RESOURCE_TYPE.match(kind)):
+            kind = _resource_type(urlsplit(next_url).path.rsplit("/", 1)[-1])
+        label = f"{kind} prefetch paging"
+        seen: set[str] = set()
+        for link in bundle.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "self" and isinstance(link.get("url"), str):
+                seen.add(requote_uri(link["url"]))
+        rest = self._run(
+            lambda: self._follow(base_url, token, base_url, next_url, deadline, label, seen, pages=1),
+            deadline,
+            label,
+        )
+        return first + rest
+
+    def read(self, base_url: str, token: str | None, path: str, deadline: float) -> dict[str, Any]:
+        """Read one resource, e.g. ``path="Patient/123"``."""
+        self.check_server(base_url)
+        kind = _resource_type(path)
+        label = f"{kind} read"
+        url = _join(base_url, path)
+        resource = self._run(lambda: self._get_json(url, base_url, token, deadline, label), deadline, label)
+        if resource.get("resourceType") != kind and kind != "FHIR":
+            shown = resource.get("resourceType")
+            shown = shown if isinstance(shown, str) and _RESOURCE_TYPE.match(shown) else "no resourceType"
+            raise self._fail(DataUnavailable(f"{label}: expected a {kind}, got {shown}"))
+        return resource
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _fail(self, error: DataUnavailable) -> DataUnavailable:
+        logger.warning("FHIR data unavailable: %s", error.reason)
+        return error
+
+    def _run(self, work: Callable[[], _T], deadline: float, label: str) -> _T:
+        """Run ``work`` in the pool and wait for it no longer than the deadline."""
+        _, executor = self._pool()
+        future = executor.submit(work)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()) + DEADLINE_SLACK)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise self._fail(DataUnavailable(f"{label}: deadline exceeded")) from None
+        except DataUnavailable as error:
+            raise self._fail(error) from None
+
+    def _follow(
+        self,
+        base_url: str,
+        token: str | None,
+        current_url: str,
+        url: str,
+        deadline: float,
+        label: str,
+        seen: set[str],
+        pages: int,
+        page_limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Fetch ``url`` and every following ``next`` page; ``pages`` = pages already read.
+
+        With ``page_limit``, stop quietly after that many pages (the caller asked for a first page).
+        """
+        resources: list[dict[str, Any]] = []
+        next_url: str | None = url
+        while next_url is not None and (page_limit is None or pages < page_limit):
+            absolute = urljoin(current_url, next_url)  # FHIR says absolute; tolerate relative links
+            if not _inside(absolute, base_url):
+                raise DataUnavailable(
+                    f"{label}: a next link leaves the FHIR server base URL and was not followed;"
+                    " results would be incomplete"
+                )
+            key = requote_uri(absolute)
+            if key in seen:
+                raise DataUnavailable(f"{label}: next links loop back to an earlier page")
+            if pages >= self.max_pages:
+                raise DataUnavailable(
+                    f"{label}: more than {self.max_pages} pages; results would be incomplete"
+                )
+            seen.add(key)
+            page_label = label if pages == 0 else f"{label} page {pages + 1}"
+            bundle = self._get_json(absolute, base_url, token, deadline, page_label)
+            resources.extend(_bundle_resources(bundle, page_label))
+            pages += 1
+            current_url = absolute
+            next_url = _next_link(bundle)
+        return resources
+
+    def _get_json(
+        self, url: str, base_url: str, token: str | None, deadline: float, label: str
+    ) -> dict[str, Any]:
+        """GET one URL inside ``base_url`` and decode its JSON object, all within the deadline."""
+        if not _inside(url, base_url):
+            raise DataUnavailable(f"{label}: URL outside the FHIR server base URL")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DataUnavailable(f"{label}: deadline exceeded")
+        headers = {"Accept": _ACCEPT}
+        if token and self._token_allowed(url):
+            headers["Authorization"] = f"Bearer {token}"
+        session, _ = self._pool()
+        try:
+            with session.get(
+                url, headers=headers, timeout=(remaining, remaining), stream=True, allow_redirects=False
+            ) as response:
+                if not 200 <= response.status_code < 300:
+                    note = " (redirects are not followed)" if 300 <= response.status_code < 400 else ""
+                    raise DataUnavailable(f"{label}: HTTP {response.status_code}{note}")
+                body = _read_body(response, deadline, label)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
+            if time.monotonic() >= deadline or isinstance(error, requests.Timeout):
+                raise DataUnavailable(f"{label}: timed out at the deadline") from None
+            if isinstance(error, requests.ConnectionError):
+                raise DataUnavailable(f"{label}: connection failed") from None
+            raise DataUnavailable(f"{label}: request failed ({type(error).__name__})") from None
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise DataUnavailable(f"{label}: malformed JSON") from None
+        if not isinstance(document, dict):
+            raise DataUnavailable(f"{label}: malformed response (not a JSON object)")
+        return document

@@ -1,0 +1,104 @@
+"""Validate a CDS Hooks 2.0 ``patient-view`` request with cerberus.
+
+The prefetch *content* is not run through cerberus: it can be tens of megabytes and cerberus
+copies what it validates. Its shape is read, key by key, by ``patient_data.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cerberus import Validator
+
+from .errors import HookError
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
+
+HOOK_REQUEST_SCHEMA: dict[str, Any] = {
+    "hook": {"type": "string", "required": True, "empty": False},
+    "hookInstance": {"type": "string", "required": True, "regex": UUID_PATTERN},
+    "fhirServer": {"type": "string", "regex": r"^https?://[^\s]+$"},
+    "fhirAuthorization": {
+        "type": "dict",
+        "dependencies": "fhirServer",
+        "schema": {
+            "access_token": {"type": "string", "required": True, "empty": False},
+            "token_type": {"type": "string", "required": True, "allowed": ["Bearer", "bearer"]},
+            "expires_in": {"type": "integer", "required": True, "min": 0},
+            "scope": {"type": "string", "required": True, "empty": False},
+            "subject": {"type": "string", "required": True, "empty": False},
+            "patient": {"type": "string", "regex": FHIR_ID},
+        },
+        "allow_unknown": True,
+    },
+    "context": {
+        "type": "dict",
+        "required": True,
+        "schema": {
+            "userId": {"type": "string", "required": True,
+                       "regex": r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"},
+            "patientId": {"type": "string", "required": True, "regex": FHIR_ID},
+            "encounterId": {"type": "string", "regex": FHIR_ID},
+        },
+        "allow_unknown": True,
+    },
+    "extension": {"type": "dict"},
+}
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    hook: str
+    hook_instance: str
+    patient_id: str
+    user_id: str
+    encounter_id: str | None
+    fhir_server: str | None
+    access_token: str | None
+    prefetch: dict[str, Any] | None
+
+    def __repr__(self) -> str:  # never print the token or the patient id by accident
+        return f"HookRequest(hook={self.hook!r}, hook_instance={self.hook_instance!r})"
+
+
+def _paths(errors: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key, value in errors.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        for item in value:
+            if isinstance(item, dict):
+                out.extend(_paths(item, path))
+            else:
+                out.append((path, str(item)))
+    return out
+
+
+def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
+    """Validate a decoded JSON body; raise HookError(400) naming each bad field."""
+    if not isinstance(body, dict):
+        raise HookError(400, "the request body must be a JSON object")
+    prefetch = body.get("prefetch")
+    if "prefetch" in body and prefetch is not None and not isinstance(prefetch, dict):
+        raise HookError(400, "prefetch: must be an object", ["prefetch"])
+    header = {key: value for key, value in body.items() if key != "prefetch"}
+    validator = Validator(HOOK_REQUEST_SCHEMA, allow_unknown=True)
+    if not validator.validate(header):
+        problems = _paths(validator.errors)
+        text = "; ".join(f"{path}: {message}" for path, message in problems)
+        raise HookError(400, f"invalid hook request: {text}", sorted({path for path, _ in problems}))
+    if body["hook"] != expected_hook:
+        raise HookError(400, f"hook: this service answers {expected_hook!r}, not {body['hook']!r}", ["hook"])
+    authorization = body.get("fhirAuthorization") or {}
+    context = body["context"]
+    return HookRequest(
+        hook=body["hook"],
+        hook_instance=body["hookInstance"],
+        patient_id=context["patientId"],
+        user_id=context["userId"],
+        encounter_id=context.get("encounterId"),
+        fhir_server=body.get("fhirServer", "").rstrip("/") or None,
+        access_token=authorization.get("access_token"),
+        prefetch=prefetch,
+    )

@@ -1,0 +1,458 @@
+"""Clinical code mappings, loaded from ``mappings/*.yaml`` and indexed for the extraction step.
+
+Files (all validated with cerberus at start-up and by ``cds-service check``):
+
+- ``observations.yaml`` — LOINC (or site) codes → named clinical inputs, canonical UCUM unit,
+  accepted units per code, and the panels whose components carry inputs;
+- ``local.yaml`` — site-local codes, same format; merged into the inputs above (and may add inputs);
+- ``medications.yaml`` — vasoactive drugs: RxNorm ingredient, salt and clinical-drug codes, a text
+  fallback, and the VIS coefficient;
+- ``conditions.yaml`` — condition value sets (SNOMED CT exact, ICD-10-CM by prefix);
+- ``units.yaml`` — unit aliases and conversions to canonical units.
+
+Every code row names its ``source``; codes never seen in the files are counted, never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .datafiles import DataFileError, DataFileProblem, LoadedFile, load_and_validate
+
+LOINC = "http://loinc.org"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+UCUM = "http://unitsofmeasure.org"
+
+_CODE_ROW = {
+    "type": "dict",
+    "schema": {
+        "system": {"type": "string", "regex": r"^(https?|urn):.+", "required": True},
+        "code": {"type": "string", "empty": False, "required": True},
+        "display": {"type": "string", "required": True},
+        "source": {"type": "string", "empty": False, "required": True},
+        "confidence": {"type": "string", "allowed": ["H", "M-H", "M", "U", "site"], "required": True},
+        "units": {"type": "list", "schema": {"type": "string"}},
+        "match": {"type": "string", "allowed": ["exact", "prefix"], "default": "exact"},
+        "kind": {"type": "string"},
+        "note": {"type": "string"},
+    },
+}
+
+_INPUT = {
+    "type": "dict",
+    "schema": {
+        "description": {"type": "string", "required": True},
+        # Short clinical label and unit as shown on cards ("ANC", "× 10⁹/L"); default: name / UCUM unit.
+        "label": {"type": "string"},
+        "display_unit": {"type": "string"},
+        "value_type": {"type": "string", "allowed": ["quantity", "coded"], "default": "quantity"},
+        "canonical_unit": {"type": "string", "required": True},
+        # window: fetched within the look-back window; latest: the most recent values, whatever their age.
+        "query": {"type": "string", "allowed": ["window", "latest"], "default": "window"},
+        "coded_values": {
+            "type": "dict",
+            "keysrules": {"type": "string"},
+            "valuesrules": {"type": "list", "schema": {"type": "string"}},
+        },
+        "codes": {"type": "list", "schema": _CODE_ROW, "required": True},
+    },
+}
+
+OBSERVATIONS_SCHEMA: dict[str, Any] = {
+    "inputs": {"type": "dict", "keysrules": {"type": "string", "regex": r"^[a-z][a-z0-9_]*$"}, "valuesrules": _INPUT},
+    "panels": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "system": {"type": "string", "required": True},
+                "code": {"type": "string", "required": True},
+                "display": {"type": "string", "required": True},
+                "source": {"type": "string", "required": True},
+                "confidence": {"type": "string", "allowed": ["H", "M-H", "M", "U", "site"], "required": True},
+                # When the panel has these components and no charted mean, derive the mean pressure.
+                "derive_mean_pressure": {
+                    "type": "dict",
+                    "schema": {
+                        "systolic": {"type": "string", "required": True},
+                        "diastolic": {"type": "string", "required": True},
+                        "into": {"type": "string", "required": True},
+                    },
+                },
+            },
+        },
+    },
+}
+
+LOCAL_SCHEMA: dict[str, Any] = {"inputs": OBSERVATIONS_SCHEMA["inputs"]}
+
+MEDICATIONS_SCHEMA: dict[str, Any] = {
+    "drugs": {
+        "type": "dict",
+        "required": True,
+        "keysrules": {"type": "string", "regex": r"^[a-z][a-z0-9_]*$"},
+        "valuesrules": {
+            "type": "dict",
+            "schema": {
+                "description": {"type": "string", "required": True},
+                "vasopressor": {"type": "boolean", "required": True},
+                "vis_coefficient": {"type": "number", "nullable": True, "required": True},
+                "vis_source": {"type": "string"},
+                "dose_unit": {"type": "string", "required": True},
+                "codes": {"type": "list", "schema": _CODE_ROW, "required": True},
+                "text_patterns": {"type": "list", "schema": {"type": "string", "empty": False}},
+            },
+        },
+    }
+}
+
+CONDITIONS_SCHEMA: dict[str, Any] = {
+    "system_aliases": {"type": "dict", "keysrules": {"type": "string"}, "valuesrules": {"type": "string"}},
+    "value_sets": {
+        "type": "dict",
+        "required": True,
+        "keysrules": {"type": "string", "regex": r"^[a-z][a-z0-9_]*$"},
+        "valuesrules": {
+            "type": "dict",
+            "schema": {
+                "description": {"type": "string", "required": True},
+                "codes": {"type": "list", "schema": _CODE_ROW, "required": True},
+            },
+        },
+    },
+}
+
+UNITS_SCHEMA: dict[str, Any] = {
+    "aliases": {"type": "dict", "keysrules": {"type": "string"}, "valuesrules": {"type": "string"}},
+    "conversions": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "from": {"type": "string", "required": True},
+                "to": {"type": "string", "required": True},
+                "factor": {"type": "number", "required": True},
+                "inputs": {"type": "list", "schema": {"type": "string"}},
+                "source": {"type": "string", "required": True},
+            },
+        },
+    },
+    "rate_conversions": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "from": {"type": "string", "required": True},
+                "to": {"type": "string", "required": True},
+                "factor": {"type": "number", "required": True},
+                "per_kg": {"type": "boolean", "required": True},
+                "source": {"type": "string", "required": True},
+            },
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class CodeRow:
+    system: str
+    code: str
+    display: str
+    source: str
+    confidence: str
+    units: tuple[str, ...] = ()
+    match: str = "exact"
+
+    @property
+    def key(self) -> str:
+        return f"{self.system}|{self.code}"
+
+
+@dataclass(frozen=True)
+class ObservationInput:
+    name: str
+    description: str
+    value_type: str
+    canonical_unit: str
+    query: str
+    codes: tuple[CodeRow, ...]
+    coded_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    label: str = ""
+    display_unit: str = ""
+
+
+@dataclass(frozen=True)
+class Panel:
+    system: str
+    code: str
+    display: str
+    systolic: str | None = None
+    diastolic: str | None = None
+    mean_into: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.system}|{self.code}"
+
+
+@dataclass(frozen=True)
+class Drug:
+    name: str
+    description: str
+    vasopressor: bool
+    vis_coefficient: float | None
+    dose_unit: str
+    codes: tuple[CodeRow, ...]
+    text_patterns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ValueSet:
+    name: str
+    description: str
+    codes: tuple[CodeRow, ...]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    to: str
+    factor: float
+    source: str
+
+
+@dataclass(frozen=True)
+class RateConversion:
+    to: str
+    factor: float
+    per_kg: bool
+    source: str
+
+
+def normalise_unit(unit: str) -> str:
+    return unit.strip()
+
+
+def _icd_key(code: str) -> str:
+    return code.replace(".", "").upper()
+
+
+@dataclass
+class Knowledge:
+    """The loaded mappings with the look-up indexes the extraction step needs."""
+
+    inputs: dict[str, ObservationInput]
+    panels: dict[str, Panel]
+    drugs: dict[str, Drug]
+    value_sets: dict[str, ValueSet]
+    unit_aliases: dict[str, str]
+    conversions: dict[tuple[str | None, str], Conversion]
+    rate_conversions: dict[str, RateConversion]
+    system_aliases: dict[str, str]
+    files: list[str]
+    # indexes
+    observation_codes: dict[str, ObservationInput] = field(default_factory=dict)
+    drug_codes: dict[str, Drug] = field(default_factory=dict)
+    drug_text: list[tuple[re.Pattern[str], Drug]] = field(default_factory=list)
+    condition_exact: dict[str, frozenset[str]] = field(default_factory=dict)
+    condition_prefix: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    coded_value_index: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for item in self.inputs.values():
+            for row in item.codes:
+                self.observation_codes[row.key] = item
+            self.coded_value_index[item.name] = {
+                token.lower(): label for label, tokens in item.coded_values.items() for token in tokens
+            }
+        for drug in self.drugs.values():
+            for row in drug.codes:
+                self.drug_codes[row.key] = drug
+            for pattern in drug.text_patterns:
+                self.drug_text.append((re.compile(rf"\b{re.escape(pattern)}\b", re.IGNORECASE), drug))
+        exact: dict[str, set[str]] = {}
+        for value_set in self.value_sets.values():
+            for row in value_set.codes:
+                if row.match == "prefix":
+                    self.condition_prefix.setdefault(row.system, []).append((_icd_key(row.code), value_set.name))
+                else:
+                    exact.setdefault(row.key, set()).add(value_set.name)
+        self.condition_exact = {key: frozenset(names) for key, names in exact.items()}
+
+    # -- look-ups used in the hot path -------------------------------------------------------------
+    def canonical_system(self, system: str) -> str:
+        return self.system_aliases.get(system, system)
+
+    def condition_value_sets(self, system: str, code: str) -> frozenset[str]:
+        system = self.canonical_system(system)
+        found = set(self.condition_exact.get(f"{system}|{code}", ()))
+        prefixes = self.condition_prefix.get(system)
+        if prefixes:
+            key = _icd_key(code)
+            found.update(name for prefix, name in prefixes if key.startswith(prefix))
+        return frozenset(found)
+
+    def drug_for(self, system: str, code: str) -> Drug | None:
+        return self.drug_codes.get(f"{system}|{code}")
+
+    def drug_for_text(self, text: str) -> Drug | None:
+        for pattern, drug in self.drug_text:
+            if pattern.search(text):
+                return drug
+        return None
+
+    def canonical_unit_code(self, unit: str) -> str:
+        unit = normalise_unit(unit)
+        return self.unit_aliases.get(unit, unit)
+
+    def conversion(self, input_name: str, unit: str) -> Conversion | None:
+        """How to bring a value charted in ``unit`` to the input's canonical unit (None: unusable)."""
+        canonical = self.inputs[input_name].canonical_unit
+        unit = self.canonical_unit_code(unit)
+        if unit == canonical:
+            return Conversion(canonical, 1.0, "canonical unit")
+        return self.conversions.get((input_name, unit)) or self.conversions.get((None, unit))
+
+    def rate_conversion(self, unit: str) -> RateConversion | None:
+        return self.rate_conversions.get(self.canonical_unit_code(unit))
+
+    # -- what the criteria need ---------------------------------------------------------------------
+    def observation_query_codes(self, input_names: set[str], query: str) -> list[str]:
+        """``system|code`` tokens for the inputs asked for, plus panels carrying their components."""
+        codes: list[str] = []
+        for name in sorted(input_names):
+            item = self.inputs.get(name)
+            if item and item.query == query:
+                codes.extend(row.key for row in item.codes)
+        if query == "window":
+            codes.extend(
+                panel.key for panel in self.panels.values()
+                if {panel.systolic, panel.diastolic, panel.mean_into} & input_names
+            )
+        return sorted(set(codes))
+
+
+def _rows(raw_rows: list[dict[str, Any]]) -> tuple[CodeRow, ...]:
+    return tuple(
+        CodeRow(
+            system=row["system"],
+            code=row["code"],
+            display=row["display"],
+            source=row["source"],
+            confidence=row["confidence"],
+            units=tuple(row.get("units", ())),
+            match=row.get("match", "exact"),
+        )
+        for row in raw_rows
+    )
+
+
+def _input_from(name: str, raw: dict[str, Any]) -> ObservationInput:
+    return ObservationInput(
+        name=name,
+        description=raw["description"],
+        value_type=raw.get("value_type", "quantity"),
+        canonical_unit=raw["canonical_unit"],
+        query=raw.get("query", "window"),
+        codes=_rows(raw["codes"]),
+        coded_values={k: tuple(v) for k, v in raw.get("coded_values", {}).items()},
+        label=raw.get("label") or name.replace("_", " "),
+        display_unit=raw.get("display_unit", raw["canonical_unit"]),
+    )
+
+
+def load_knowledge(data_dir: Path) -> Knowledge:
+    """Load and cross-check every mapping file. Raises DataFileError listing every problem found."""
+    folder = data_dir / "mappings"
+    problems: list[DataFileProblem] = []
+    loaded: dict[str, tuple[LoadedFile, Any]] = {}
+    schemas = {
+        "observations.yaml": OBSERVATIONS_SCHEMA,
+        "local.yaml": LOCAL_SCHEMA,
+        "medications.yaml": MEDICATIONS_SCHEMA,
+        "conditions.yaml": CONDITIONS_SCHEMA,
+        "units.yaml": UNITS_SCHEMA,
+    }
+    for name, schema in schemas.items():
+        path = folder / name
+        if name == "local.yaml" and not path.exists():
+            continue
+        try:
+            loaded[name] = load_and_validate(path, schema)
+        except DataFileError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise DataFileError(problems)
+
+    obs_file, obs = loaded["observations.yaml"]
+    inputs = {name: _input_from(name, raw) for name, raw in (obs.get("inputs") or {}).items()}
+    if "local.yaml" in loaded:
+        _, local = loaded["local.yaml"]
+        for name, raw in (local.get("inputs") or {}).items():
+            extra = _input_from(name, raw)
+            if name in inputs:
+                base = inputs[name]
+                inputs[name] = replace(base, codes=base.codes + extra.codes,
+                                       coded_values={**base.coded_values, **extra.coded_values})
+            else:
+                inputs[name] = extra
+
+    panels: dict[str, Panel] = {}
+    for index, raw in enumerate(obs.get("panels") or []):
+        derive = raw.get("derive_mean_pressure") or {}
+        for part in ("systolic", "diastolic", "into"):
+            if derive and derive[part] not in inputs:
+                problems.append(obs_file.problem(("panels", index, "derive_mean_pressure", part),
+                                                 f"unknown input {derive[part]!r}"))
+        panel = Panel(raw["system"], raw["code"], raw["display"], derive.get("systolic"),
+                      derive.get("diastolic"), derive.get("into"))
+        panels[panel.key] = panel
+
+    med_file, meds = loaded["medications.yaml"]
+    drugs = {
+        name: Drug(name, raw["description"], raw["vasopressor"], raw["vis_coefficient"], raw["dose_unit"],
+                   _rows(raw["codes"]), tuple(raw.get("text_patterns", ())))
+        for name, raw in meds["drugs"].items()
+    }
+    _, conds = loaded["conditions.yaml"]
+    value_sets = {name: ValueSet(name, raw["description"], _rows(raw["codes"]))
+                  for name, raw in conds["value_sets"].items()}
+    units_file, units = loaded["units.yaml"]
+    conversions: dict[tuple[str | None, str], Conversion] = {}
+    for index, raw in enumerate(units.get("conversions") or []):
+        for input_name in raw.get("inputs") or [None]:
+            if input_name is not None and input_name not in inputs:
+                problems.append(units_file.problem(("conversions", index, "inputs"), f"unknown input {input_name!r}"))
+            conversions[(input_name, raw["from"])] = Conversion(raw["to"], float(raw["factor"]), raw["source"])
+    rate_conversions = {
+        raw["from"]: RateConversion(raw["to"], float(raw["factor"]), raw["per_kg"], raw["source"])
+        for raw in units.get("rate_conversions") or []
+    }
+    aliases = dict(units.get("aliases") or {})
+
+    knowledge = Knowledge(
+        inputs=inputs, panels=panels, drugs=drugs, value_sets=value_sets, unit_aliases=aliases,
+        conversions=conversions, rate_conversions=rate_conversions,
+        system_aliases=dict(conds.get("system_aliases") or {}),
+        files=[str(loaded[name][0].path) for name in loaded],
+    )
+    # Cross-checks: every accepted unit must be canonical or convertible, so no value is used blindly.
+    for name, item in inputs.items():
+        source_file = obs_file if name in (obs.get("inputs") or {}) else loaded.get("local.yaml", (obs_file,))[0]
+        for index, row in enumerate(item.codes):
+            for unit in row.units:
+                if item.value_type == "quantity" and knowledge.conversion(name, unit) is None:
+                    problems.append(source_file.problem(
+                        ("inputs", name, "codes", index, "units"),
+                        f"unit {unit!r} is neither the canonical unit {item.canonical_unit!r} "
+                        "nor convertible by units.yaml"))
+    for name, drug in drugs.items():
+        if drug.vis_coefficient is not None and knowledge.rate_conversion(drug.dose_unit) is None:
+            problems.append(med_file.problem(("drugs", name, "dose_unit"), "no rate conversion in units.yaml"))
+    if problems:
+        raise DataFileError(problems)
+    return knowledge

@@ -1,0 +1,167 @@
+"""Patient data for one hook call: prefetch in every shape, and the FHIR fallback.
+
+Prefetch templates are built from the mapping files and the screened trials: Observations only for
+the LOINC codes the criteria use. Reading prefetch follows CDS Hooks 2.0:
+
+- key present with a searchset Bundle → its entries (its ``next`` pages fetched through fhirServer);
+- key present but ``null`` → the client found no data;
+- key missing, or an OperationOutcome in its place → we fetch it ourselves from ``fhirServer``
+  (restricted to the look-back window), with the bearer token when one was given;
+- data we need and cannot obtain → ``DataUnavailable`` → HTTP 412.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+from .errors import HookError
+from .fhir_client import DataUnavailable, FhirClient
+from .hook_request import HookRequest
+from .knowledge import Knowledge
+from .trials import Trial
+
+PATIENT_TOKEN = "{{context.patientId}}"
+
+
+@dataclass(frozen=True)
+class PrefetchQuery:
+    key: str
+    template: str  # CDS Hooks 2.0 prefetch template (only the context.patientId token)
+    resource_type: str
+    date_param: str | None  # search parameter that restricts to the look-back window when we fetch
+    single_page: bool = False  # "the latest N" (_sort=-date&_count=N): never follow `next`
+
+
+@dataclass(frozen=True)
+class PrefetchPlan:
+    queries: tuple[PrefetchQuery, ...]
+    observation_inputs: frozenset[str]
+
+    def templates(self) -> dict[str, str]:
+        return {q.key: q.template for q in self.queries}
+
+
+def _codes(tokens: list[str]) -> str:
+    return ",".join(quote(token, safe="|:/.-") for token in tokens)
+
+
+def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: int) -> PrefetchPlan:
+    """Prefetch templates restricted to what the screened trials need."""
+    needed: set[str] = set()
+    for trial in trials:
+        needed |= trial.inputs()
+    observation_inputs = {name for name in needed if name in knowledge.inputs}
+    queries = [PrefetchQuery("patient", f"Patient/{PATIENT_TOKEN}", "Patient", None)]
+    window_codes = knowledge.observation_query_codes(observation_inputs, "window")
+    if window_codes:
+        queries.append(PrefetchQuery(
+            "observations", f"Observation?patient={PATIENT_TOKEN}&code={_codes(window_codes)}&_count={page_size}",
+            "Observation", "date"))
+    latest_codes = knowledge.observation_query_codes(observation_inputs, "latest")
+    if latest_codes:
+        queries.append(PrefetchQuery(
+            "latestObservations",
+            f"Observation?patient={PATIENT_TOKEN}&code={_codes(latest_codes)}&_sort=-date&_count=50",
+            "Observation", None, single_page=True))
+    queries.append(PrefetchQuery("medicationAdministrations",
+                                 f"MedicationAdministration?patient={PATIENT_TOKEN}&_count={page_size}",
+                                 "MedicationAdministration", "effective-time"))
+    queries.append(PrefetchQuery("conditions", f"Condition?patient={PATIENT_TOKEN}&_count={page_size}",
+                                 "Condition", None))
+    return PrefetchPlan(tuple(queries), frozenset(observation_inputs))
+
+
+@dataclass
+class RawPatientData:
+    patient: dict[str, Any] | None
+    resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    fetched: list[str] = field(default_factory=list)  # keys we had to fetch ourselves
+
+    def all_resources(self) -> list[dict[str, Any]]:
+        return [resource for values in self.resources.values() for resource in values]
+
+
+def _fill(template: str, patient_id: str) -> str:
+    return template.replace(PATIENT_TOKEN, quote(patient_id, safe=""))
+
+
+def _since(at: float, lookback_hours: float) -> str:
+    start = datetime.fromtimestamp(at, tz=UTC) - timedelta(hours=lookback_hours)
+    return start.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bundle_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for entry in bundle.get("entry") or ():
+        if isinstance(entry, dict):
+            resource = entry.get("resource")
+            if isinstance(resource, dict) and (entry.get("search") or {}).get("mode") != "outcome":
+                out.append(resource)
+    return out
+
+
+def _has_next(bundle: dict[str, Any]) -> bool:
+    return any(isinstance(link, dict) and link.get("relation") == "next" for link in bundle.get("link") or ())
+
+
+def gather(request: HookRequest, plan: PrefetchPlan, client: FhirClient | None, fhir: dict[str, Any],
+           at: float, deadline: float | None = None) -> RawPatientData:
+    """Collect the patient's data from prefetch, fetching what is missing. Raises DataUnavailable."""
+    deadline = deadline if deadline is not None else time.monotonic() + float(fhir["deadline_seconds"])
+    prefetch = request.prefetch or {}
+    data = RawPatientData(patient=None)
+    to_fetch: dict[str, str] = {}
+    to_follow: dict[str, dict[str, Any]] = {}
+    for query in plan.queries:
+        if query.key in prefetch:
+            value = prefetch[query.key]
+            if value is None:
+                data.resources[query.key] = []
+                continue
+            if not isinstance(value, dict):
+                raise HookError(400, f"prefetch.{query.key}: must be a FHIR resource or null", [f"prefetch.{query.key}"])
+            kind = value.get("resourceType")
+            if kind == "Bundle":
+                if _has_next(value) and not query.single_page:
+                    to_follow[query.key] = value
+                else:
+                    data.resources[query.key] = _bundle_resources(value)
+                continue
+            if kind == query.resource_type == "Patient":
+                data.patient = value
+                continue
+            if kind != "OperationOutcome":
+                raise HookError(400, f"prefetch.{query.key}: expected a {query.resource_type} "
+                                     f"{'resource' if query.resource_type == 'Patient' else 'Bundle'}, got {kind!r}",
+                                [f"prefetch.{query.key}"])
+            # An OperationOutcome: the client's query failed; fetch it ourselves.
+        if query.resource_type == "Patient":
+            # A search, not a read, so that it runs concurrently with the other queries.
+            to_fetch[query.key] = f"Patient?_id={quote(request.patient_id, safe='')}"
+            continue
+        url = _fill(query.template, request.patient_id)
+        if query.date_param:
+            url += f"&{query.date_param}=ge{_since(at, float(fhir['lookback_hours']))}"
+        to_fetch[query.key] = url
+    if (to_fetch or to_follow) and not request.fhir_server:
+        missing = ", ".join(sorted([*to_fetch, *to_follow]))
+        raise DataUnavailable(f"prefetch incomplete ({missing}) and the request has no fhirServer to fetch from")
+    if to_fetch or to_follow:
+        assert client is not None and request.fhir_server is not None
+        client.check_server(request.fhir_server)
+        single_page = {q.key for q in plan.queries if q.single_page}
+        if to_fetch:
+            fetched = client.search_many(request.fhir_server, request.access_token, to_fetch, deadline,
+                                         single_page=single_page)
+            patients = fetched.pop("patient", None)
+            if patients is not None:
+                data.patient = next((p for p in patients if p.get("resourceType") == "Patient"), None)
+            data.resources.update(fetched)
+        for key, bundle in to_follow.items():
+            data.resources[key] = client.follow_next(request.fhir_server, request.access_token, bundle, deadline)
+        data.fetched = sorted([*to_fetch, *to_follow])
+    return data

@@ -1,0 +1,52 @@
+"""The screening pipeline: raw patient data → facts → derived inputs → trial results → cards.
+
+``Screener`` holds everything loaded once at start-up (mappings, trials, templates) and runs the
+steps in order; the HTTP layer and the CLI both call it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .cards import CardRenderer
+from .config import Settings
+from .derived import ClinicalInputs, derive_inputs, load_derivation_params
+from .evaluation import TrialResult, evaluate_trial
+from .extract import extract
+from .facts import PatientFacts
+from .knowledge import Knowledge, load_knowledge
+from .patient_data import PrefetchPlan, RawPatientData, build_prefetch_plan
+from .trials import Trial, load_trials
+
+
+@dataclass(frozen=True)
+class ScreeningOutcome:
+    facts: PatientFacts
+    inputs: ClinicalInputs
+    results: list[TrialResult]
+
+
+class Screener:
+    """Loaded knowledge + the pipeline steps after data gathering."""
+
+    def __init__(self, settings: Settings):
+        data_dir = settings.data_dir
+        self.settings = settings
+        self.knowledge: Knowledge = load_knowledge(data_dir)
+        self.derivation_params: dict[str, Any] = load_derivation_params(data_dir)
+        self.trials: list[Trial] = load_trials(data_dir, self.knowledge, settings.section("screening")["trials"])
+        self.plan: PrefetchPlan = build_prefetch_plan(self.knowledge, self.trials,
+                                                      int(settings.section("fhir")["page_size"]))
+        self.renderer = CardRenderer(data_dir, settings.section("screening"))
+
+    def screen(self, patient_id: str, data: RawPatientData, at: float | None = None) -> ScreeningOutcome:
+        at = time.time() if at is None else at
+        facts = extract(patient_id, data.patient, data.all_resources(), self.knowledge)
+        inputs = derive_inputs(facts, self.knowledge, self.derivation_params, at)
+        results = [evaluate_trial(trial, inputs) for trial in self.trials]
+        return ScreeningOutcome(facts, inputs, results)
+
+    def cards(self, outcome: ScreeningOutcome) -> list[tuple[TrialResult, dict[str, Any]]]:
+        return [(result, self.renderer.render(result)) for result in outcome.results if result.shows_card]

@@ -1,0 +1,105 @@
+"""Shared fixtures: the app on a temporary store, a client that checks every card it sees, and
+the real servers (FHIR, PostgreSQL) started by session fixtures in their own modules."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from cds_service.app import create_app
+from cds_service.card_rules import response_problems
+from cds_service.config import Settings, load_settings
+from cds_service.scenario_builder import PatientBuilder
+from cds_service.screening import Screener
+from tests.fhir_server import *  # noqa: F403
+from tests.pg_server import *  # noqa: F403
+
+SERVICE_URL = "/cds-services/septic-shock-trial-screening"
+
+#: Every hook response body seen by the suite's clients, checked against the CDS Hooks card rules.
+CARDS_SEEN: list[dict[str, Any]] = []
+
+
+class CardCheckingClient(FlaskClient):
+    """A test client that validates every hook response it receives against the card rules."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        response = super().open(*args, **kwargs)
+        if response.status_code == 200 and response.is_json:
+            body = response.get_json()
+            if isinstance(body, dict) and "cards" in body:
+                problems = response_problems(body)
+                assert not problems, f"cards break the CDS Hooks rules: {problems}"
+                CARDS_SEEN.extend(body["cards"])
+        return response
+
+
+def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    overrides: dict[str, Any] = {"store": {"url": f"sqlite:///{tmp_path / 'store.sqlite3'}"}}
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_settings(environ={}, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def screener() -> Screener:
+    """Knowledge loaded once for the session (read-only)."""
+    return Screener(load_settings(environ={}))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path, fhir={"allow_http": True})
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    application = create_app(settings)
+    application.test_client_class = CardCheckingClient
+    yield application
+    state = application.extensions["cds"]
+    if state._store is not None:
+        state._store.close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def hook_body(builder: PatientBuilder | None = None, *, patient_id: str | None = None, prefetch: bool = True,
+              fhir_server: str | None = None, token: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A patient-view request, with the builder's data as prefetch (the service's template keys)."""
+    body: dict[str, Any] = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/icu-doc-1",
+                    "patientId": patient_id or (builder.patient_id if builder else "p1")},
+    }
+    if fhir_server:
+        body["fhirServer"] = fhir_server
+    if token:
+        body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
+                                     "scope": "patient/*.read", "subject": "cds-service"}
+    if prefetch and builder is not None:
+        body["prefetch"] = {
+            "patient": builder.patient,
+            "observations": builder.searchset("Observation"),
+            "latestObservations": None,
+            "medicationAdministrations": builder.searchset("MedicationAdministration"),
+            "conditions": builder.searchset("Condition"),
+        }
+    body.update(extra)
+    return body
