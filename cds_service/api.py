@@ -35,16 +35,25 @@ FEEDBACK_SCHEMA: dict[str, Any] = {
                 "outcomeTimestamp": {"type": "string", "required": True, "empty": False},
                 "acceptedSuggestions": {
                     "type": "list",
-                    "schema": {"type": "dict", "allow_unknown": True,
-                               "schema": {"id": {"type": "string", "required": True}}},
+                    "schema": {
+                        "type": "dict",
+                        "allow_unknown": True,
+                        "schema": {"id": {"type": "string", "required": True}},
+                    },
                 },
                 "overrideReason": {
                     "type": "dict",
                     "allow_unknown": True,
                     "schema": {
-                        "reason": {"type": "dict", "allow_unknown": True,
-                                   "schema": {"code": {"type": "string"}, "system": {"type": "string"},
-                                              "display": {"type": "string"}}},
+                        "reason": {
+                            "type": "dict",
+                            "allow_unknown": True,
+                            "schema": {
+                                "code": {"type": "string"},
+                                "system": {"type": "string"},
+                                "display": {"type": "string"},
+                            },
+                        },
                         "userComment": {"type": "string"},
                     },
                 },
@@ -81,8 +90,13 @@ def discovery() -> Response:
 @bp.get("/health")
 def health() -> Response:
     current = state()
-    return json_response({"status": "ok", "trials": [t.id for t in current.screener.trials],
-                          "auth": "jwt" if current.verifier else "open"})
+    return json_response(
+        {
+            "status": "ok",
+            "trials": [t.id for t in current.screener.trials],
+            "auth": "jwt" if current.verifier else "open",
+        }
+    )
 
 
 def _decode_body() -> Any:
@@ -133,7 +147,9 @@ def call_service(service_id: str) -> Response:
         except DataUnavailable as exc:
             log.warning("answering 412: %s", exc.reason)
             current.metrics.hook_call(service_id, 412, time.monotonic() - started)
-            return outcome_response(412, f"patient data needed for screening could not be obtained: {exc.reason}")
+            return outcome_response(
+                412, f"patient data needed for screening could not be obtained: {exc.reason}"
+            )
         current.metrics.hook_call(service_id, 200, time.monotonic() - started)
         return json_response({"cards": cards})
 
@@ -161,12 +177,18 @@ def feedback(service_id: str) -> Response:
             from .hook_request import _paths
 
             problems = _paths(validator.errors)
-            raise HookError(400, "invalid feedback: " + "; ".join(f"{p}: {m}" for p, m in problems),
-                            sorted({p for p, _ in problems}))
+            raise HookError(
+                400,
+                "invalid feedback: " + "; ".join(f"{p}: {m}" for p, m in problems),
+                sorted({p for p, _ in problems}),
+            )
         for index, item in enumerate(body["feedback"]):
             if _epoch(item["outcomeTimestamp"]) is None:
-                raise HookError(400, f"feedback[{index}].outcomeTimestamp: not an ISO 8601 instant with a time zone",
-                                [f"feedback.{index}.outcomeTimestamp"])
+                raise HookError(
+                    400,
+                    f"feedback[{index}].outcomeTimestamp: not an ISO 8601 instant with a time zone",
+                    [f"feedback.{index}.outcomeTimestamp"],
+                )
     except HookError as exc:
         return outcome_response(exc.status, exc.diagnostics, exc.expression)
     for item in body["feedback"]:

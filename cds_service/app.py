@@ -18,8 +18,9 @@ from .service import ServiceState
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, screener: Screener | None = None,
-               metrics: Metrics | None = None) -> Flask:
+def create_app(
+    settings: Settings | None = None, *, screener: Screener | None = None, metrics: Metrics | None = None
+) -> Flask:
     """Build the app. Knowledge files are loaded and validated here: a bad file stops start-up."""
     settings = settings or load_settings()
     configure_logging(settings.section("logging")["level"])
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None, *, screener: Screener | None = 
         return outcome_response(500, "internal error: the screening could not be completed")
 
     if state.verifier is None:
-        log.warning("RUNNING OPEN: no trusted CDS clients configured (security.trusted_clients); "
-                    "any caller can invoke the hook. Use only for local work and sandboxes.")
+        log.warning(
+            "RUNNING OPEN: no trusted CDS clients configured (security.trusted_clients); "
+            "any caller can invoke the hook. Use only for local work and sandboxes."
+        )
     return app

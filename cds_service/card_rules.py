@@ -61,7 +61,11 @@ def card_problems(card: Any, *, allow_critical: bool = False) -> list[str]:
     if "detail" in card and not isinstance(card["detail"], str):
         problems.append("detail: must be a (Markdown) string")
     source = card.get("source")
-    if not isinstance(source, dict) or not isinstance(source.get("label"), str) or not source["label"].strip():
+    if (
+        not isinstance(source, dict)
+        or not isinstance(source.get("label"), str)
+        or not source["label"].strip()
+    ):
         problems.append("source.label: required")
     elif "topic" in source:
         _coding(source["topic"], "source.topic", problems)

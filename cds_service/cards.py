@@ -56,15 +56,22 @@ class CardRenderer:
 
     def __init__(self, data_dir: Path, screening: dict[str, Any]):
         self.screening = screening
-        self.env = Environment(undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True,
-                               keep_trailing_newline=False)
+        self.env = Environment(
+            undefined=StrictUndefined,
+            autoescape=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+        )
         self.env.filters["hours"] = _hours
         self.env.filters["time"] = _time
         folder = data_dir / "cards"
         _, self.default = load_and_validate(folder / "default.yaml", CARD_TEMPLATE_SCHEMA)
         for key in CARD_TEMPLATE_SCHEMA:
             if key not in self.default:
-                raise DataFileError([DataFileProblem(str(folder / "default.yaml"), None, key, "required in default")])
+                raise DataFileError(
+                    [DataFileProblem(str(folder / "default.yaml"), None, key, "required in default")]
+                )
         self.overrides: dict[str, dict[str, Any]] = {}
         for path in sorted(folder.glob("NCT*.yaml")):
             _, self.overrides[path.stem] = load_and_validate(path, CARD_TEMPLATE_SCHEMA)
@@ -74,7 +81,10 @@ class CardRenderer:
     def _compile_all(self, folder: Path) -> None:
         for trial_id in ["", *self.overrides]:
             merged = {**self.default, **self.overrides.get(trial_id, {})}
-            merged["summary"] = {**self.default["summary"], **self.overrides.get(trial_id, {}).get("summary", {})}
+            merged["summary"] = {
+                **self.default["summary"],
+                **self.overrides.get(trial_id, {}).get("summary", {}),
+            }
             path = folder / (f"{trial_id}.yaml" if trial_id else "default.yaml")
             try:
                 self._compiled[trial_id] = CardTemplates(
@@ -85,16 +95,20 @@ class CardRenderer:
                 )
             except TemplateError as exc:
                 line = getattr(exc, "lineno", None)
-                raise DataFileError([DataFileProblem(str(path), None, "template", f"line {line} of a template: {exc}")
-                                     ]) from exc
+                raise DataFileError(
+                    [DataFileProblem(str(path), None, "template", f"line {line} of a template: {exc}")]
+                ) from exc
 
     def templates_for(self, trial_id: str) -> CardTemplates:
         return self._compiled.get(trial_id, self._compiled[""])
 
     def context(self, result: TrialResult) -> dict[str, Any]:
         trial = result.trial
-        decisive = [r for r in result.results if r.criterion.id in trial.summary_criteria and r.summary
-                    and r.status == "met"]
+        decisive = [
+            r
+            for r in result.results
+            if r.criterion.id in trial.summary_criteria and r.summary and r.status == "met"
+        ]
         time_left = (result.window_closes_at - result.at) if result.window_closes_at is not None else None
         closing_soon = time_left is not None and time_left <= self.screening["closing_soon_minutes"] * 60
         return {
@@ -103,14 +117,18 @@ class CardRenderer:
             "status": result.status,
             "decisive": [r.summary for r in decisive],
             "met": [r for r in result.results if r.criterion.kind == "inclusion" and r.status == "met"],
-            "exclusions_clear": [r for r in result.results if r.criterion.kind == "exclusion" and r.status == "not_met"],
+            "exclusions_clear": [
+                r for r in result.results if r.criterion.kind == "exclusion" and r.status == "not_met"
+            ],
             "unknown": result.unknown,
             "to_confirm": result.to_confirm,
             "onset": result.onset,
             "window_opens_at": result.window_opens_at,
             "window_closes_at": result.window_closes_at,
             "time_left": time_left,
-            "time_to_open": (result.window_opens_at - result.at) if result.window_opens_at is not None else None,
+            "time_to_open": (result.window_opens_at - result.at)
+            if result.window_opens_at is not None
+            else None,
             "closing_soon": closing_soon,
             "evaluated_at": result.at,
         }
@@ -136,13 +154,23 @@ class CardRenderer:
         }
         if detail:
             card["detail"] = detail
-        links = [{"label": templates.registry_link_label.render(context).strip(), "url": trial.registry_url,
-                  "type": "absolute"}]
+        links = [
+            {
+                "label": templates.registry_link_label.render(context).strip(),
+                "url": trial.registry_url,
+                "type": "absolute",
+            }
+        ]
         links.extend({"label": label, "url": url, "type": "absolute"} for label, url in trial.links)
         if self.screening.get("site_link_url"):
             # `smart` links launch the site's screening app; no appContext (Oracle Health drops it).
-            links.append({"label": self.screening["site_link_label"], "url": self.screening["site_link_url"],
-                          "type": "smart"})
+            links.append(
+                {
+                    "label": self.screening["site_link_label"],
+                    "url": self.screening["site_link_url"],
+                    "type": "smart",
+                }
+            )
         card["links"] = links
         return card
 

@@ -63,8 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def load(self) -> Any:
             return app
 
-    print(f"cds-service: serving on http://{server['host']}:{server['port']}/cds-services "
-          f"with {settings.workers} workers ({settings.source})", file=sys.stderr)
+    print(
+        f"cds-service: serving on http://{server['host']}:{server['port']}/cds-services "
+        f"with {settings.workers} workers ({settings.source})",
+        file=sys.stderr,
+    )
     Server().run()
     return 0
 
@@ -93,9 +96,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         resources = [e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)]
         patients = [r for r in resources if isinstance(r, dict) and r.get("resourceType") == "Patient"]
         if len(patients) != 1:
-            print(f"{args.file}: a Bundle must hold exactly one Patient (found {len(patients)})", file=sys.stderr)
+            print(
+                f"{args.file}: a Bundle must hold exactly one Patient (found {len(patients)})",
+                file=sys.stderr,
+            )
             return 2
-        data = RawPatientData(patient=patients[0], resources={"bundle": [r for r in resources if r is not patients[0]]})
+        data = RawPatientData(
+            patient=patients[0], resources={"bundle": [r for r in resources if r is not patients[0]]}
+        )
         patient_id = str(patients[0].get("id", "patient"))
     else:
         request = parse_hook_request(document, "patient-view")
@@ -127,8 +135,13 @@ def _explain(result: Any) -> dict[str, Any]:
         "windowOpens": format_time(result.window_opens_at) if result.window_opens_at is not None else None,
         "windowCloses": format_time(result.window_closes_at) if result.window_closes_at is not None else None,
         "criteria": [
-            {"id": r.criterion.id, "kind": r.criterion.kind, "status": r.status,
-             "evidence": [e.describe() for e in r.evidence], **({"missing": list(r.missing)} if r.missing else {})}
+            {
+                "id": r.criterion.id,
+                "kind": r.criterion.kind,
+                "status": r.status,
+                "evidence": [e.describe() for e in r.evidence],
+                **({"missing": list(r.missing)} if r.missing else {}),
+            }
             for r in result.results
         ],
     }
@@ -144,9 +157,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     screener = Screener(settings)
     knowledge = screener.knowledge
     codes = sum(len(i.codes) for i in knowledge.inputs.values())
-    print(f"ok: {len(knowledge.inputs)} observation inputs ({codes} codes), {len(knowledge.drugs)} drugs, "
-          f"{len(knowledge.value_sets)} condition value sets, {len(screener.trials)} trials "
-          f"({', '.join(t.id for t in screener.trials)}), card templates — from {settings.data_dir}")
+    print(
+        f"ok: {len(knowledge.inputs)} observation inputs ({codes} codes), {len(knowledge.drugs)} drugs, "
+        f"{len(knowledge.value_sets)} condition value sets, {len(screener.trials)} trials "
+        f"({', '.join(t.id for t in screener.trials)}), card templates — from {settings.data_dir}"
+    )
     return 0
 
 
@@ -171,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML configuration file (default: $CDS_CONFIG or the embedded defaults)")
+        p.add_argument(
+            "--config", help="YAML configuration file (default: $CDS_CONFIG or the embedded defaults)"
+        )
 
     serve = sub.add_parser("serve", help="run the production server (gunicorn) in the foreground")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -183,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="print the cards for a hook request JSON or a FHIR Bundle")
     evaluate.add_argument("file")
     evaluate.add_argument("--at", type=parse_at, default=None, help="evaluation time, ISO 8601 with offset")
-    evaluate.add_argument("--explain", action="store_true",
-                          help="also print every trial's criteria results, unknown codes and unusable values")
+    evaluate.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print every trial's criteria results, unknown codes and unusable values",
+    )
     add_config(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -118,11 +118,18 @@ SCHEMA: dict[str, Any] = {
             "max_workers": {"type": "integer", "min": 1, "max": 32},
         },
     },
-    "store": {"type": "dict", "schema": {"url": {"type": "string", "regex": r"^(sqlite|postgresql|postgres)://.*"}}},
+    "store": {
+        "type": "dict",
+        "schema": {"url": {"type": "string", "regex": r"^(sqlite|postgresql|postgres)://.*"}},
+    },
     "security": {
         "type": "dict",
         "schema": {
-            "trusted_clients": {"type": "dict", "keysrules": {"type": "string"}, "valuesrules": _TRUSTED_CLIENT_SCHEMA},
+            "trusted_clients": {
+                "type": "dict",
+                "keysrules": {"type": "string"},
+                "valuesrules": _TRUSTED_CLIENT_SCHEMA,
+            },
             "clock_skew_seconds": {"type": "integer", "min": 0, "max": 600},
             "jwks_timeout_seconds": {"type": "number", "min": 0.1, "max": 30},
             "jwks_cache_seconds": {"type": "integer", "min": 0},

@@ -3,7 +3,8 @@
 A criterion's ``rule`` is one of these forms (the language knows nothing about any trial):
 
 ``value``       {input, op, threshold, unit?, aggregate: latest|min|max|any|all, within?}
-``persistent``  {input, op, threshold, unit?, count: 2, min_interval, within?, trend?: non_decreasing|non_increasing}
+``persistent``  {input, op, threshold, unit?, count: 2, min_interval, within?,
+                 trend?: non_decreasing|non_increasing}
 ``sustained``   {input, op, threshold, unit?, for_more_than, max_gap, within?}
 ``established`` {input}                     — a derived input is present (e.g. septic_shock_onset)
 ``time_since``  {input, min?, max?}         — time since a derived time input (e.g. onset)
@@ -66,7 +67,10 @@ _THRESHOLD = {
 }
 
 RULE_SCHEMAS: dict[str, dict[str, Any]] = {
-    "value": {**_THRESHOLD, "aggregate": {"type": "string", "allowed": ["latest", "min", "max", "any", "all"]}},
+    "value": {
+        **_THRESHOLD,
+        "aggregate": {"type": "string", "allowed": ["latest", "min", "max", "any", "all"]},
+    },
     "persistent": {
         **_THRESHOLD,
         "count": {"type": "integer", "min": 2},
@@ -79,7 +83,11 @@ RULE_SCHEMAS: dict[str, dict[str, Any]] = {
         "max_gap": {**_DURATION_FIELD, "required": True},
     },
     "established": {"input": {"type": "string", "required": True}},
-    "time_since": {"input": {"type": "string", "required": True}, "min": _DURATION_FIELD, "max": _DURATION_FIELD},
+    "time_since": {
+        "input": {"type": "string", "required": True},
+        "min": _DURATION_FIELD,
+        "max": _DURATION_FIELD,
+    },
     "condition": {
         "value_sets": {"type": "list", "schema": {"type": "string"}, "required": True, "minlength": 1},
         "if_absent": {"type": "string", "allowed": [NOT_MET, CONFIRM, UNKNOWN]},
@@ -153,13 +161,17 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     # Scalar inputs (age, current VIS …) are used directly; a series input that also has a scalar
     # (VIS, weight) uses it for "latest" and whenever the scalar says the value cannot be known.
     use_scalar = scalar is not None and (
-        spec["input"] not in inputs.series or scalar.status != "known"
-        or (spec.get("aggregate", "latest") == "latest" and spec.get("within") is None))
+        spec["input"] not in inputs.series
+        or scalar.status != "known"
+        or (spec.get("aggregate", "latest") == "latest" and spec.get("within") is None)
+    )
     if scalar is not None and use_scalar:
         if scalar.status != "known" or scalar.value is None:
             return RuleResult(UNKNOWN, scalar.evidence, (scalar.missing or _label(inputs, spec["input"]),))
         ok = compare(scalar.value)
-        return RuleResult(MET if ok else NOT_MET, scalar.evidence, (), _shown(inputs, spec["input"], scalar.value))
+        return RuleResult(
+            MET if ok else NOT_MET, scalar.evidence, (), _shown(inputs, spec["input"], scalar.value)
+        )
     values = _series(inputs, spec)
     if not values:
         return RuleResult(UNKNOWN, (), (_missing(inputs, spec),))
@@ -167,10 +179,17 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     if aggregate in ("any", "all"):
         hits = [f for f in values if compare(f.value)]
         ok = bool(hits) if aggregate == "any" else len(hits) == len(values)
-        shown = (hits[-1] if hits else values[-1]) if aggregate == "any" else \
-            next((f for f in values if not compare(f.value)), values[-1])
-        return RuleResult(MET if ok else NOT_MET, (_fact_evidence(inputs, shown),), (),
-                          _shown(inputs, shown.input, shown.value))
+        shown = (
+            (hits[-1] if hits else values[-1])
+            if aggregate == "any"
+            else next((f for f in values if not compare(f.value)), values[-1])
+        )
+        return RuleResult(
+            MET if ok else NOT_MET,
+            (_fact_evidence(inputs, shown),),
+            (),
+            _shown(inputs, shown.input, shown.value),
+        )
     if aggregate == "latest":
         chosen = values[-1]
     else:
@@ -179,8 +198,12 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
             return RuleResult(UNKNOWN, (), (_missing(inputs, spec),))
         chosen = (min if aggregate == "min" else max)(numeric, key=lambda f: float(f.value))
     ok = compare(chosen.value)
-    return RuleResult(MET if ok else NOT_MET, (_fact_evidence(inputs, chosen),), (),
-                      _shown(inputs, chosen.input, chosen.value))
+    return RuleResult(
+        MET if ok else NOT_MET,
+        (_fact_evidence(inputs, chosen),),
+        (),
+        _shown(inputs, chosen.input, chosen.value),
+    )
 
 
 def _persistent(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
@@ -188,8 +211,11 @@ def _persistent(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     count = int(spec.get("count", 2))
     if len(values) < count:
         have = f" (only {len(values)} value{'s' if len(values) != 1 else ''})" if values else ""
-        return RuleResult(UNKNOWN, tuple(_fact_evidence(inputs, f) for f in values),
-                          (f"{count} values of {_missing(inputs, spec)}, at least {spec['min_interval']} apart{have}",))
+        return RuleResult(
+            UNKNOWN,
+            tuple(_fact_evidence(inputs, f) for f in values),
+            (f"{count} values of {_missing(inputs, spec)}, at least {spec['min_interval']} apart{have}",),
+        )
     run = persistent(values, _comparator(spec), parse_duration(spec["min_interval"]), count)
     if run is None:
         return RuleResult(NOT_MET, (_fact_evidence(inputs, values[-1], "latest "),))
@@ -198,7 +224,9 @@ def _persistent(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         # The trend is judged over every value from the run's start on, not only the two picked.
         since = [f for f in values if f.time >= run[0].time]
         if not trend_holds(since, spec["trend"]):
-            return RuleResult(NOT_MET, evidence, (), f"{spec['input']} trend not {spec['trend'].replace('_', '-')}")
+            return RuleResult(
+                NOT_MET, evidence, (), f"{spec['input']} trend not {spec['trend'].replace('_', '-')}"
+            )
     return RuleResult(MET, evidence, (), _shown(inputs, spec["input"], run[-1].value))
 
 
@@ -206,17 +234,27 @@ def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     values = _series(inputs, spec)
     needed = parse_duration(spec["for_more_than"])
     if len(values) < 2:
-        return RuleResult(UNKNOWN, tuple(_fact_evidence(inputs, f) for f in values),
-                          (f"repeated {_missing(inputs, spec)} (over more than {spec['for_more_than']})",))
+        return RuleResult(
+            UNKNOWN,
+            tuple(_fact_evidence(inputs, f) for f in values),
+            (f"repeated {_missing(inputs, spec)} (over more than {spec['for_more_than']})",),
+        )
     found = sustained_run(values, _comparator(spec), inputs.at, parse_duration(spec["max_gap"]))
     if found is None:
         return RuleResult(NOT_MET, (_fact_evidence(inputs, values[-1], "latest "),))
     duration, (first, last) = found
-    evidence = (_fact_evidence(inputs, first, "from "), _fact_evidence(inputs, last, "to "),
-                Evidence(f"{duration / HOUR:.1f} h {spec['op']} {spec['threshold']}"))
+    evidence = (
+        _fact_evidence(inputs, first, "from "),
+        _fact_evidence(inputs, last, "to "),
+        Evidence(f"{duration / HOUR:.1f} h {spec['op']} {spec['threshold']}"),
+    )
     status = MET if duration > needed else NOT_MET
-    return RuleResult(status, evidence, (), f"{_label(inputs, spec['input'])} {spec['op']} {spec['threshold']} "
-                      f"for {duration / HOUR:.1f} h")
+    return RuleResult(
+        status,
+        evidence,
+        (),
+        f"{_label(inputs, spec['input'])} {spec['op']} {spec['threshold']} for {duration / HOUR:.1f} h",
+    )
 
 
 def _established(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
@@ -235,30 +273,41 @@ def _time_since(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     if derived is None or derived.value is None:
         if derived is not None and derived.status == "absent":
             return RuleResult(NOT_MET, derived.evidence)
-        return RuleResult(UNKNOWN, derived.evidence if derived else (),
-                          ((derived.missing if derived else "") or _label(inputs, spec["input"]),))
+        return RuleResult(
+            UNKNOWN,
+            derived.evidence if derived else (),
+            ((derived.missing if derived else "") or _label(inputs, spec["input"]),),
+        )
     elapsed = inputs.at - float(derived.value)
     ok = True
     if spec.get("min") is not None:
         ok = ok and elapsed >= parse_duration(spec["min"])
     if spec.get("max") is not None:
         ok = ok and elapsed <= parse_duration(spec["max"])
-    evidence = (Evidence(f"{_label(inputs, spec['input'])} since {format_time(float(derived.value))}, "
-                         f"{elapsed / HOUR:.1f} h ago"),)
-    return RuleResult(MET if ok else NOT_MET, evidence, (),
-                      f"{_label(inputs, spec['input'])} {elapsed / HOUR:.1f} h ago")
+    evidence = (
+        Evidence(
+            f"{_label(inputs, spec['input'])} since {format_time(float(derived.value))}, "
+            f"{elapsed / HOUR:.1f} h ago"
+        ),
+    )
+    return RuleResult(
+        MET if ok else NOT_MET, evidence, (), f"{_label(inputs, spec['input'])} {elapsed / HOUR:.1f} h ago"
+    )
 
 
 def _condition(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     found = []
     for name in spec["value_sets"]:
         for condition in inputs.conditions.get(name, []):
-            if condition.clinical_status in {"active", "recurrence", "relapse", ""} and \
-                    (condition.onset is None or condition.onset <= inputs.at):
+            if condition.clinical_status in {"active", "recurrence", "relapse", ""} and (
+                condition.onset is None or condition.onset <= inputs.at
+            ):
                 found.append((name, condition))
     if found:
-        evidence = tuple(Evidence(f"{name.replace('_', ' ')} charted ({c.code})", c.onset, (c.resource,))
-                         for name, c in found[:3])
+        evidence = tuple(
+            Evidence(f"{name.replace('_', ' ')} charted ({c.code})", c.onset, (c.resource,))
+            for name, c in found[:3]
+        )
         return RuleResult(MET, evidence, (), found[0][0].replace("_", " "))
     absent = spec.get("if_absent", CONFIRM)
     names = ", ".join(n.replace("_", " ") for n in spec["value_sets"])
@@ -275,9 +324,12 @@ def combine_all(results: list[RuleResult]) -> RuleResult:
         failing = [r for r in results if r.status == NOT_MET]
         return RuleResult(NOT_MET, tuple(e for r in failing for e in r.evidence), (), failing[0].summary)
     status = MET if all(s == MET for s in statuses) else (UNKNOWN if UNKNOWN in statuses else CONFIRM)
-    return RuleResult(status, tuple(e for r in results for e in r.evidence),
-                      tuple(m for r in results for m in r.missing),
-                      "; ".join(r.summary for r in results if r.summary and r.status == MET))
+    return RuleResult(
+        status,
+        tuple(e for r in results for e in r.evidence),
+        tuple(m for r in results for m in r.missing),
+        "; ".join(r.summary for r in results if r.summary and r.status == MET),
+    )
 
 
 def combine_any(results: list[RuleResult]) -> RuleResult:
@@ -289,12 +341,13 @@ def combine_any(results: list[RuleResult]) -> RuleResult:
     if all(s == NOT_MET for s in statuses):
         return RuleResult(NOT_MET, tuple(e for r in results for e in r.evidence))
     status = UNKNOWN if UNKNOWN in statuses else CONFIRM
-    return RuleResult(status, tuple(e for r in results for e in r.evidence),
-                      tuple(m for r in results for m in r.missing))
+    return RuleResult(
+        status, tuple(e for r in results for e in r.evidence), tuple(m for r in results for m in r.missing)
+    )
 
 
 def evaluate_rule(inputs: ClinicalInputs, rule: dict[str, Any]) -> RuleResult:
-    (kind, spec), = rule.items()
+    ((kind, spec),) = rule.items()
     if kind == "all_of":
         return combine_all([evaluate_rule(inputs, r) for r in spec])
     if kind == "any_of":
@@ -318,7 +371,7 @@ _HANDLERS: dict[str, Callable[[ClinicalInputs, dict[str, Any]], RuleResult]] = {
 
 def rule_inputs(rule: dict[str, Any]) -> set[str]:
     """Every input name a rule refers to (to build prefetch queries and check trial files)."""
-    (kind, spec), = rule.items()
+    ((kind, spec),) = rule.items()
     if kind in ("all_of", "any_of"):
         return set().union(*(rule_inputs(r) for r in spec))
     if kind == "not":
@@ -327,7 +380,7 @@ def rule_inputs(rule: dict[str, Any]) -> set[str]:
 
 
 def rule_value_sets(rule: dict[str, Any]) -> set[str]:
-    (kind, spec), = rule.items()
+    ((kind, spec),) = rule.items()
     if kind in ("all_of", "any_of"):
         return set().union(*(rule_value_sets(r) for r in spec))
     if kind == "not":

@@ -25,6 +25,7 @@ Conventions, also stated in the README:
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,12 @@ from .knowledge import Knowledge
 HOUR = 3600.0
 
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 
 DERIVED_SCHEMA: dict[str, Any] = {
@@ -109,7 +115,9 @@ def age_years(birth_date: date | None, at: float) -> Derived:
     return Derived(years, "known", (Evidence(f"born {birth_date.isoformat()}, {years} years old"),))
 
 
-def latest(series: Sequence[ObservationFact], at: float, within: float | None = None) -> ObservationFact | None:
+def latest(
+    series: Sequence[ObservationFact], at: float, within: float | None = None
+) -> ObservationFact | None:
     """The most recent value at or before ``at`` (optionally no older than ``within`` seconds)."""
     for fact in reversed(series):
         if fact.time <= at:
@@ -139,7 +147,9 @@ class _Segment(NamedTuple):
     matched_by: str
 
 
-def _infusion_segments(administrations: Sequence[AdministrationFact], drugs: set[str], at: float) -> list[_Segment]:
+def _infusion_segments(
+    administrations: Sequence[AdministrationFact], drugs: set[str], at: float
+) -> list[_Segment]:
     """Turn administration records into non-overlapping per-drug rate segments up to ``at``."""
     by_drug: dict[str, list[AdministrationFact]] = {}
     for record in administrations:
@@ -155,15 +165,27 @@ def _infusion_segments(administrations: Sequence[AdministrationFact], drugs: set
             elif record.end == record.start:
                 # Charted at a single time: a running infusion's rate until the drug's next record,
                 # or a bolus (completed) that does not enter the score.
-                end = (later_start if later_start is not None else at) if record.status == "in-progress" \
+                end = (
+                    (later_start if later_start is not None else at)
+                    if record.status == "in-progress"
                     else record.start
+                )
             else:
                 end = min(record.end, at)
             if later_start is not None and later_start < end:
                 end = later_start  # the later record gives the rate from its start on
             if end > record.start:
-                segments.append(_Segment(drug, record.start, end, record.rate, record.rate_unit,
-                                         record.resource, record.matched_by))
+                segments.append(
+                    _Segment(
+                        drug,
+                        record.start,
+                        end,
+                        record.rate,
+                        record.rate_unit,
+                        record.resource,
+                        record.matched_by,
+                    )
+                )
     return segments
 
 
@@ -172,7 +194,9 @@ def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[li
     vis_drugs = {name: drug for name, drug in knowledge.drugs.items() if drug.vis_coefficient is not None}
     segments = _infusion_segments(facts.administrations, set(vis_drugs), at)
     if not segments:
-        summary = Derived(0.0, "known", (Evidence("no vasoactive infusion recorded in the look-back window"),))
+        summary = Derived(
+            0.0, "known", (Evidence("no vasoactive infusion recorded in the look-back window"),)
+        )
         return [], summary
     weight = body_weight(facts, at)
     change_times = sorted({s.start for s in segments} | {s.end for s in segments})
@@ -202,15 +226,21 @@ def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[li
         points.append(ObservationFact("vis", time, total, "", ",".join(resources), "derived:vis", note))
     current = latest(points, at)
     value = current.value if current is not None else 0.0
-    evidence = [Evidence(f"VIS {value:.0f} = {current.note}" if current else "VIS 0", current.time if current else None,
-                         tuple(current.resource.split(",")) if current and current.resource else ())]
+    evidence = [
+        Evidence(
+            f"VIS {value:.0f} = {current.note}" if current else "VIS 0",
+            current.time if current else None,
+            tuple(current.resource.split(",")) if current and current.resource else (),
+        )
+    ]
     if used_weight:
         evidence.extend(weight.evidence)
     return points, Derived(value, "known", tuple(evidence))
 
 
-def _dose(segment: _Segment, dose_unit: str, knowledge: Knowledge,
-          weight: Derived) -> tuple[float | None, str, bool]:
+def _dose(
+    segment: _Segment, dose_unit: str, knowledge: Knowledge, weight: Derived
+) -> tuple[float | None, str, bool]:
     """(dose in the drug's VIS unit, why not, whether the body weight was used)."""
     if segment.rate is None:
         return None, f"{segment.drug} infusion rate not charted ({segment.resource})", False
@@ -220,7 +250,11 @@ def _dose(segment: _Segment, dose_unit: str, knowledge: Knowledge,
     dose = segment.rate * conversion.factor
     if conversion.per_kg:
         if weight.status != "known" or not weight.value:
-            return None, f"body weight (LOINC 29463-7), needed to convert {segment.drug} {segment.rate_unit}", True
+            return (
+                None,
+                f"body weight (LOINC 29463-7), needed to convert {segment.drug} {segment.rate_unit}",
+                True,
+            )
         dose /= float(weight.value)
     return dose, "", conversion.per_kg
 
@@ -228,21 +262,40 @@ def _dose(segment: _Segment, dose_unit: str, knowledge: Knowledge,
 # -- septic-shock onset ---------------------------------------------------------------------------
 
 
-def septic_shock_onset(facts: PatientFacts, knowledge: Knowledge, params: dict[str, Any], at: float) -> Derived:
+def septic_shock_onset(
+    facts: PatientFacts, knowledge: Knowledge, params: dict[str, Any], at: float
+) -> Derived:
     """Sepsis-3 onset per clinical-knowledge.md §2, with the resources that show it."""
     vasopressors = sorted(
-        (a for a in facts.administrations
-         if a.start <= at and knowledge.drugs[a.drug].vasopressor and a.status not in {"not-done"}),
-        key=lambda a: a.start)
-    charted = [c for c in facts.conditions if c.value_sets & set(params["charted_value_sets"])
-               and c.clinical_status in {"active", "recurrence", "relapse", ""}]
+        (
+            a
+            for a in facts.administrations
+            if a.start <= at and knowledge.drugs[a.drug].vasopressor and a.status not in {"not-done"}
+        ),
+        key=lambda a: a.start,
+    )
+    charted = [
+        c
+        for c in facts.conditions
+        if c.value_sets & set(params["charted_value_sets"])
+        and c.clinical_status in {"active", "recurrence", "relapse", ""}
+    ]
     charted_onset = min((c.onset for c in charted if c.onset is not None and c.onset <= at), default=None)
     charted_evidence = tuple(
-        Evidence(f"septic shock charted (onset {format_time(c.onset)})" if c.onset else "septic shock charted",
-                 None, (c.resource,)) for c in charted)
-    infection = [c for c in facts.conditions if c.value_sets & set(params["infection_value_sets"])
-                 and c.clinical_status in {"active", "recurrence", "relapse", ""}
-                 and (c.onset is None or c.onset <= at)]
+        Evidence(
+            f"septic shock charted (onset {format_time(c.onset)})" if c.onset else "septic shock charted",
+            None,
+            (c.resource,),
+        )
+        for c in charted
+    )
+    infection = [
+        c
+        for c in facts.conditions
+        if c.value_sets & set(params["infection_value_sets"])
+        and c.clinical_status in {"active", "recurrence", "relapse", ""}
+        and (c.onset is None or c.onset <= at)
+    ]
     lactates = [f for f in facts.series("lactate") if f.time <= at]
     threshold = float(params["lactate_threshold"])
     before, after = float(params["lactate_hours_before"]) * HOUR, float(params["lactate_hours_after"]) * HOUR
@@ -270,27 +323,48 @@ def septic_shock_onset(facts: PatientFacts, knowledge: Knowledge, params: dict[s
         peak = max(high, key=lambda f: float(f.value))
         lactate_ev = Evidence(f"lactate {float(peak.value):.1f} mmol/L", peak.time, (peak.resource,))
         if infection:
-            infection_ev = Evidence("infection diagnosis charted", None, tuple(c.resource for c in infection[:3]))
+            infection_ev = Evidence(
+                "infection diagnosis charted", None, tuple(c.resource for c in infection[:3])
+            )
             evidence = (vaso, lactate_ev, infection_ev, *charted_evidence)
             return Derived(start.start, "known", evidence)
         # Vasopressor + high lactate but no infection diagnosis charted: the onset time is usable,
         # septic shock itself needs the clinician (or a charted diagnosis).
-        return Derived(start.start, "unknown", (vaso, lactate_ev),
-                       "an infection diagnosis (sepsis / septic shock Condition) or clinician confirmation")
+        return Derived(
+            start.start,
+            "unknown",
+            (vaso, lactate_ev),
+            "an infection diagnosis (sepsis / septic shock Condition) or clinician confirmation",
+        )
     if charted_onset is not None:
-        return Derived(charted_onset, "known", (
-            Evidence("onset taken from the charted septic-shock diagnosis (no qualifying vasopressor episode)",
-                     charted_onset, tuple(c.resource for c in charted)),))
+        return Derived(
+            charted_onset,
+            "known",
+            (
+                Evidence(
+                    "onset taken from the charted septic-shock diagnosis (no qualifying vasopressor episode)",
+                    charted_onset,
+                    tuple(c.resource for c in charted),
+                ),
+            ),
+        )
     if missing_lactate:
-        return Derived(None, "unknown", tuple(Evidence(f"{s.drug} started", s.start, (s.resource,))
-                                              for s in episode_starts[:1]),
-                       "a lactate around the vasopressor start (LOINC 2524-7 or 32693-4)")
+        return Derived(
+            None,
+            "unknown",
+            tuple(Evidence(f"{s.drug} started", s.start, (s.resource,)) for s in episode_starts[:1]),
+            "a lactate around the vasopressor start (LOINC 2524-7 or 32693-4)",
+        )
     if not vasopressors:
         if charted:
-            return Derived(None, "unknown", charted_evidence, "the septic-shock onset time (vasopressor start)")
+            return Derived(
+                None, "unknown", charted_evidence, "the septic-shock onset time (vasopressor start)"
+            )
         return Derived(None, "absent", (Evidence("no vasopressor administration in the look-back window"),))
     if lactate_normal:
-        return Derived(None, "absent", (Evidence(f"lactate ≤ {threshold:g} mmol/L around every vasopressor start"),))
+        return Derived(
+            None, "absent", (Evidence(f"lactate ≤ {threshold:g} mmol/L around every vasopressor start"),)
+        )
     return Derived(None, "absent", (Evidence("no septic shock by Sepsis-3 criteria"),))
 
 
@@ -302,8 +376,9 @@ def in_window(series: Sequence[ObservationFact], at: float, within: float | None
     return [f for f in series if start <= f.time <= at]
 
 
-def persistent(series: Sequence[ObservationFact], compare: Callable[[Any], bool], min_interval: float,
-               count: int = 2) -> tuple[ObservationFact, ...] | None:
+def persistent(
+    series: Sequence[ObservationFact], compare: Callable[[Any], bool], min_interval: float, count: int = 2
+) -> tuple[ObservationFact, ...] | None:
     """The latest run of ``count`` consecutive values all beyond the threshold, each pair at least
     ``min_interval`` seconds apart (values closer than that are skipped over, not counted)."""
     best: tuple[ObservationFact, ...] | None = None
@@ -322,7 +397,7 @@ def persistent(series: Sequence[ObservationFact], compare: Callable[[Any], bool]
 
 def trend_holds(values: Sequence[ObservationFact], direction: str) -> bool:
     """non_decreasing / non_increasing over consecutive values."""
-    pairs = zip(values, values[1:], strict=False)
+    pairs = itertools.pairwise(values)
     if direction == "non_decreasing":
         return all(float(b.value) >= float(a.value) for a, b in pairs)
     if direction == "non_increasing":
@@ -330,8 +405,9 @@ def trend_holds(values: Sequence[ObservationFact], direction: str) -> bool:
     raise ValueError(direction)
 
 
-def sustained_run(series: Sequence[ObservationFact], compare: Callable[[Any], bool], at: float,
-                  max_gap: float) -> tuple[float, tuple[ObservationFact, ...]] | None:
+def sustained_run(
+    series: Sequence[ObservationFact], compare: Callable[[Any], bool], at: float, max_gap: float
+) -> tuple[float, tuple[ObservationFact, ...]] | None:
     """The longest run of consecutive values beyond the threshold (gaps > max_gap break it).
 
     Returns (duration in seconds, the first and last facts of the run) or None when no value is beyond it.
@@ -342,8 +418,12 @@ def sustained_run(series: Sequence[ObservationFact], compare: Callable[[Any], bo
     for fact in series:
         if fact.time > at:
             break
-        if compare(fact.value) and run_start is not None and previous is not None \
-                and fact.time - previous.time <= max_gap:
+        if (
+            compare(fact.value)
+            and run_start is not None
+            and previous is not None
+            and fact.time - previous.time <= max_gap
+        ):
             previous = fact
         elif compare(fact.value):
             run_start = previous = fact
@@ -364,7 +444,9 @@ def load_derivation_params(data_dir: Path) -> dict[str, Any]:
     return document
 
 
-def derive_inputs(facts: PatientFacts, knowledge: Knowledge, params: dict[str, Any], at: float) -> ClinicalInputs:
+def derive_inputs(
+    facts: PatientFacts, knowledge: Knowledge, params: dict[str, Any], at: float
+) -> ClinicalInputs:
     """Compute every derived input once; criteria then only look things up."""
     series = {name: values for name, values in facts.observations.items()}
     vis_points, vis_now = vis_series(facts, knowledge, at)
@@ -375,7 +457,8 @@ def derive_inputs(facts: PatientFacts, knowledge: Knowledge, params: dict[str, A
             conditions.setdefault(name, []).append(condition)
     scalars = {
         "age_years": age_years(facts.birth_date, at),
-        "sex": Derived(facts.gender, "known", (Evidence(f"sex {facts.gender}"),)) if facts.gender
+        "sex": Derived(facts.gender, "known", (Evidence(f"sex {facts.gender}"),))
+        if facts.gender
         else Derived(None, "unknown", missing="administrative sex (Patient.gender)"),
         "body_weight": body_weight(facts, at),
         "vis": vis_now,

@@ -8,8 +8,17 @@ import orjson
 from flask import Response
 
 #: OperationOutcome.issue.code per HTTP status (FHIR issue-type value set).
-_ISSUE_CODE = {400: "invalid", 401: "login", 404: "not-found", 405: "not-supported", 412: "incomplete",
-               413: "too-costly", 415: "not-supported", 500: "exception", 503: "transient"}
+_ISSUE_CODE = {
+    400: "invalid",
+    401: "login",
+    404: "not-found",
+    405: "not-supported",
+    412: "incomplete",
+    413: "too-costly",
+    415: "not-supported",
+    500: "exception",
+    503: "transient",
+}
 
 
 class HookError(Exception):

@@ -33,8 +33,9 @@ class CriterionResult:
     @property
     def blocks(self) -> bool:
         """True when this result rules the patient out."""
-        return (self.criterion.kind == "inclusion" and self.status == NOT_MET) or \
-            (self.criterion.kind == "exclusion" and self.status == MET)
+        return (self.criterion.kind == "inclusion" and self.status == NOT_MET) or (
+            self.criterion.kind == "exclusion" and self.status == MET
+        )
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def evaluate_criterion(criterion: Criterion, inputs: ClinicalInputs) -> Criterio
         return CriterionResult(criterion, CONFIRM, (), (), "")
     result: RuleResult = evaluate_rule(inputs, criterion.rule)
     missing = (criterion.measure,) if result.status == UNKNOWN and criterion.measure else result.missing
-    return CriterionResult(criterion, result.status, result.evidence, tuple(dict.fromkeys(missing)), result.summary)
+    return CriterionResult(
+        criterion, result.status, result.evidence, tuple(dict.fromkeys(missing)), result.summary
+    )
 
 
 def evaluate_trial(trial: Trial, inputs: ClinicalInputs) -> TrialResult:

@@ -47,8 +47,9 @@ class _Extractor:
         self._conversion_cache[key] = result
         return result
 
-    def _quantity_fact(self, input_name: str, holder: dict[str, Any], time: float, ref: str, code: str,
-                       note: str = "") -> ObservationFact | None:
+    def _quantity_fact(
+        self, input_name: str, holder: dict[str, Any], time: float, ref: str, code: str, note: str = ""
+    ) -> ObservationFact | None:
         item = self.k.inputs[input_name]
         if item.value_type == "coded":
             return self._coded_fact(input_name, holder, time, ref, code)
@@ -76,8 +77,9 @@ class _Extractor:
             note = f"{note}; {conversion_note}" if note else conversion_note
         return ObservationFact(input_name, time, float(value) * factor, item.canonical_unit, ref, code, note)
 
-    def _coded_fact(self, input_name: str, holder: dict[str, Any], time: float, ref: str,
-                    code: str) -> ObservationFact | None:
+    def _coded_fact(
+        self, input_name: str, holder: dict[str, Any], time: float, ref: str, code: str
+    ) -> ObservationFact | None:
         index = self.k.coded_value_index.get(input_name, {})
         tokens: list[str] = []
         concept = holder.get("valueCodeableConcept")
@@ -102,8 +104,12 @@ class _Extractor:
     def observation(self, resource: dict[str, Any]) -> None:
         if resource.get("status") in _IGNORED_OBSERVATION_STATUS:
             return
-        time = parse_time(resource.get("effectiveDateTime") or resource.get("effectiveInstant")
-                          or (resource.get("effectivePeriod") or {}).get("start") or resource.get("issued"))
+        time = parse_time(
+            resource.get("effectiveDateTime")
+            or resource.get("effectiveInstant")
+            or (resource.get("effectivePeriod") or {}).get("start")
+            or resource.get("issued")
+        )
         codings = (resource.get("code") or {}).get("coding")
         if time is None or not isinstance(codings, list):
             self.facts.skipped["Observation"] += 1
@@ -132,17 +138,33 @@ class _Extractor:
                 key = f"{coding.get('system')}|{coding.get('code')}"
                 item = self.k.observation_codes.get(key)
                 if item is not None:
-                    fact = self._quantity_fact(item.name, component, time, ref, key, f"component of {panel.code}")
+                    fact = self._quantity_fact(
+                        item.name, component, time, ref, key, f"component of {panel.code}"
+                    )
                     if fact is not None:
                         found[item.name] = fact
                         self._add(fact)
                     break
-        if panel.mean_into and panel.mean_into not in found and panel.systolic in found and panel.diastolic in found:
+        if (
+            panel.mean_into
+            and panel.mean_into not in found
+            and panel.systolic in found
+            and panel.diastolic in found
+        ):
             systolic, diastolic = found[panel.systolic].value, found[panel.diastolic].value
             mean = (float(systolic) + 2 * float(diastolic)) / 3
             note = f"derived (S + 2D)/3 from panel {panel.code}: S {systolic:g}, D {diastolic:g}"
-            self._add(ObservationFact(panel.mean_into, time, mean, self.k.inputs[panel.mean_into].canonical_unit,
-                                      ref, panel.key, note))
+            self._add(
+                ObservationFact(
+                    panel.mean_into,
+                    time,
+                    mean,
+                    self.k.inputs[panel.mean_into].canonical_unit,
+                    ref,
+                    panel.key,
+                    note,
+                )
+            )
 
     def _add(self, fact: ObservationFact) -> None:
         series = self.facts.observations.get(fact.input)
@@ -169,7 +191,8 @@ class _Extractor:
             return
         rate, rate_unit = _rate(resource.get("dosage"))
         self.facts.administrations.append(
-            AdministrationFact(drug.name, start, end, rate, rate_unit, ref, code, matched_by, status))
+            AdministrationFact(drug.name, start, end, rate, rate_unit, ref, code, matched_by, status)
+        )
 
     def _drug(self, resource: dict[str, Any]) -> tuple[Any, str, str]:
         concept = resource.get("medicationCodeableConcept")
@@ -190,10 +213,14 @@ class _Extractor:
             if isinstance(text, str) and (drug := self.k.drug_for_text(text)) is not None:
                 first = codings[0] if codings else {}
                 code = f"{first.get('system')}|{first.get('code')}" if codings else f"text:{text}"
-                self.facts.unknown_codes[f"MedicationAdministration {code} (matched {drug.name} by text)"] += 1
+                self.facts.unknown_codes[
+                    f"MedicationAdministration {code} (matched {drug.name} by text)"
+                ] += 1
                 return drug, code, "text"
         for coding in codings or [{"system": None, "code": concept.get("text")}]:
-            self.facts.unknown_codes[f"MedicationAdministration {coding.get('system')}|{coding.get('code')}"] += 1
+            self.facts.unknown_codes[
+                f"MedicationAdministration {coding.get('system')}|{coding.get('code')}"
+            ] += 1
         return None, "", ""
 
     def condition(self, resource: dict[str, Any]) -> None:
@@ -216,10 +243,17 @@ class _Extractor:
                 self.facts.unknown_codes[f"Condition {coding.get('system')}|{coding.get('code')}"] += 1
             return
         onset = parse_time(resource.get("onsetDateTime") or (resource.get("onsetPeriod") or {}).get("start"))
-        self.facts.conditions.append(ConditionFact(
-            frozenset(value_sets), onset, parse_time(resource.get("recordedDate")),
-            _status_code(resource.get("clinicalStatus")) or "active", verification or "",
-            f"Condition/{resource.get('id', '?')}", matched_code))
+        self.facts.conditions.append(
+            ConditionFact(
+                frozenset(value_sets),
+                onset,
+                parse_time(resource.get("recordedDate")),
+                _status_code(resource.get("clinicalStatus")) or "active",
+                verification or "",
+                f"Condition/{resource.get('id', '?')}",
+                matched_code,
+            )
+        )
 
 
 def _status_code(concept: Any) -> str:
@@ -263,7 +297,9 @@ def read_patient(resource: dict[str, Any] | None, facts: PatientFacts) -> None:
         # Keep going with what can be read safely: a broken name must not hide the birth date.
         birth = resource.get("birthDate")
         try:
-            facts.birth_date = date.fromisoformat(birth) if isinstance(birth, str) and len(birth) == 10 else None
+            facts.birth_date = (
+                date.fromisoformat(birth) if isinstance(birth, str) and len(birth) == 10 else None
+            )
         except ValueError:
             facts.birth_date = None
         gender = resource.get("gender")
@@ -274,8 +310,9 @@ def read_patient(resource: dict[str, Any] | None, facts: PatientFacts) -> None:
     facts.gender = patient.gender
 
 
-def extract(patient_id: str, patient: dict[str, Any] | None, resources: Iterable[Any],
-            knowledge: Knowledge) -> PatientFacts:
+def extract(
+    patient_id: str, patient: dict[str, Any] | None, resources: Iterable[Any], knowledge: Knowledge
+) -> PatientFacts:
     """Turn a patient's resources into normalised facts. Unknown resource types are ignored."""
     facts = PatientFacts(patient_id=patient_id)
     read_patient(patient, facts)

@@ -37,8 +37,11 @@ HOOK_REQUEST_SCHEMA: dict[str, Any] = {
         "type": "dict",
         "required": True,
         "schema": {
-            "userId": {"type": "string", "required": True,
-                       "regex": r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"},
+            "userId": {
+                "type": "string",
+                "required": True,
+                "regex": r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$",
+            },
             "patientId": {"type": "string", "required": True, "regex": FHIR_ID},
             "encounterId": {"type": "string", "regex": FHIR_ID},
         },

@@ -64,7 +64,11 @@ _INPUT = {
 }
 
 OBSERVATIONS_SCHEMA: dict[str, Any] = {
-    "inputs": {"type": "dict", "keysrules": {"type": "string", "regex": r"^[a-z][a-z0-9_]*$"}, "valuesrules": _INPUT},
+    "inputs": {
+        "type": "dict",
+        "keysrules": {"type": "string", "regex": r"^[a-z][a-z0-9_]*$"},
+        "valuesrules": _INPUT,
+    },
     "panels": {
         "type": "list",
         "schema": {
@@ -278,7 +282,9 @@ class Knowledge:
         for value_set in self.value_sets.values():
             for row in value_set.codes:
                 if row.match == "prefix":
-                    self.condition_prefix.setdefault(row.system, []).append((_icd_key(row.code), value_set.name))
+                    self.condition_prefix.setdefault(row.system, []).append(
+                        (_icd_key(row.code), value_set.name)
+                    )
                 else:
                     exact.setdefault(row.key, set()).add(value_set.name)
         self.condition_exact = {key: frozenset(names) for key, names in exact.items()}
@@ -330,7 +336,8 @@ class Knowledge:
                 codes.extend(row.key for row in item.codes)
         if query == "window":
             codes.extend(
-                panel.key for panel in self.panels.values()
+                panel.key
+                for panel in self.panels.values()
                 if {panel.systolic, panel.diastolic, panel.mean_into} & input_names
             )
         return sorted(set(codes))
@@ -396,8 +403,11 @@ def load_knowledge(data_dir: Path) -> Knowledge:
             extra = _input_from(name, raw)
             if name in inputs:
                 base = inputs[name]
-                inputs[name] = replace(base, codes=base.codes + extra.codes,
-                                       coded_values={**base.coded_values, **extra.coded_values})
+                inputs[name] = replace(
+                    base,
+                    codes=base.codes + extra.codes,
+                    coded_values={**base.coded_values, **extra.coded_values},
+                )
             else:
                 inputs[name] = extra
 
@@ -406,28 +416,50 @@ def load_knowledge(data_dir: Path) -> Knowledge:
         derive = raw.get("derive_mean_pressure") or {}
         for part in ("systolic", "diastolic", "into"):
             if derive and derive[part] not in inputs:
-                problems.append(obs_file.problem(("panels", index, "derive_mean_pressure", part),
-                                                 f"unknown input {derive[part]!r}"))
-        panel = Panel(raw["system"], raw["code"], raw["display"], derive.get("systolic"),
-                      derive.get("diastolic"), derive.get("into"))
+                problems.append(
+                    obs_file.problem(
+                        ("panels", index, "derive_mean_pressure", part), f"unknown input {derive[part]!r}"
+                    )
+                )
+        panel = Panel(
+            raw["system"],
+            raw["code"],
+            raw["display"],
+            derive.get("systolic"),
+            derive.get("diastolic"),
+            derive.get("into"),
+        )
         panels[panel.key] = panel
 
     med_file, meds = loaded["medications.yaml"]
     drugs = {
-        name: Drug(name, raw["description"], raw["vasopressor"], raw["vis_coefficient"], raw["dose_unit"],
-                   _rows(raw["codes"]), tuple(raw.get("text_patterns", ())))
+        name: Drug(
+            name,
+            raw["description"],
+            raw["vasopressor"],
+            raw["vis_coefficient"],
+            raw["dose_unit"],
+            _rows(raw["codes"]),
+            tuple(raw.get("text_patterns", ())),
+        )
         for name, raw in meds["drugs"].items()
     }
     _, conds = loaded["conditions.yaml"]
-    value_sets = {name: ValueSet(name, raw["description"], _rows(raw["codes"]))
-                  for name, raw in conds["value_sets"].items()}
+    value_sets = {
+        name: ValueSet(name, raw["description"], _rows(raw["codes"]))
+        for name, raw in conds["value_sets"].items()
+    }
     units_file, units = loaded["units.yaml"]
     conversions: dict[tuple[str | None, str], Conversion] = {}
     for index, raw in enumerate(units.get("conversions") or []):
         for input_name in raw.get("inputs") or [None]:
             if input_name is not None and input_name not in inputs:
-                problems.append(units_file.problem(("conversions", index, "inputs"), f"unknown input {input_name!r}"))
-            conversions[(input_name, raw["from"])] = Conversion(raw["to"], float(raw["factor"]), raw["source"])
+                problems.append(
+                    units_file.problem(("conversions", index, "inputs"), f"unknown input {input_name!r}")
+                )
+            conversions[(input_name, raw["from"])] = Conversion(
+                raw["to"], float(raw["factor"]), raw["source"]
+            )
     rate_conversions = {
         raw["from"]: RateConversion(raw["to"], float(raw["factor"]), raw["per_kg"], raw["source"])
         for raw in units.get("rate_conversions") or []
@@ -435,24 +467,36 @@ def load_knowledge(data_dir: Path) -> Knowledge:
     aliases = dict(units.get("aliases") or {})
 
     knowledge = Knowledge(
-        inputs=inputs, panels=panels, drugs=drugs, value_sets=value_sets, unit_aliases=aliases,
-        conversions=conversions, rate_conversions=rate_conversions,
+        inputs=inputs,
+        panels=panels,
+        drugs=drugs,
+        value_sets=value_sets,
+        unit_aliases=aliases,
+        conversions=conversions,
+        rate_conversions=rate_conversions,
         system_aliases=dict(conds.get("system_aliases") or {}),
         files=[str(loaded[name][0].path) for name in loaded],
     )
     # Cross-checks: every accepted unit must be canonical or convertible, so no value is used blindly.
     for name, item in inputs.items():
-        source_file = obs_file if name in (obs.get("inputs") or {}) else loaded.get("local.yaml", (obs_file,))[0]
+        source_file = (
+            obs_file if name in (obs.get("inputs") or {}) else loaded.get("local.yaml", (obs_file,))[0]
+        )
         for index, row in enumerate(item.codes):
             for unit in row.units:
                 if item.value_type == "quantity" and knowledge.conversion(name, unit) is None:
-                    problems.append(source_file.problem(
-                        ("inputs", name, "codes", index, "units"),
-                        f"unit {unit!r} is neither the canonical unit {item.canonical_unit!r} "
-                        "nor convertible by units.yaml"))
+                    problems.append(
+                        source_file.problem(
+                            ("inputs", name, "codes", index, "units"),
+                            f"unit {unit!r} is neither the canonical unit {item.canonical_unit!r} "
+                            "nor convertible by units.yaml",
+                        )
+                    )
     for name, drug in drugs.items():
         if drug.vis_coefficient is not None and knowledge.rate_conversion(drug.dose_unit) is None:
-            problems.append(med_file.problem(("drugs", name, "dose_unit"), "no rate conversion in units.yaml"))
+            problems.append(
+                med_file.problem(("drugs", name, "dose_unit"), "no rate conversion in units.yaml")
+            )
     if problems:
         raise DataFileError(problems)
     return knowledge

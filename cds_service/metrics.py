@@ -19,18 +19,44 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self.hook_calls = Counter("cds_hook_calls_total", "Hook calls by service and HTTP status",
-                                  ["service", "status"], registry=self.registry)
-        self.hook_latency = Histogram("cds_hook_latency_seconds", "Hook service time", ["service"],
-                                      buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.fhir_queries = Histogram("cds_fhir_query_seconds", "FHIR query latency by resource type",
-                                      ["resource_type"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.fhir_failures = Counter("cds_fhir_query_failures_total", "Failed FHIR queries by resource type",
-                                     ["resource_type"], registry=self.registry)
-        self.cards = Counter("cds_cards_issued_total", "Cards issued by trial and eligibility status",
-                             ["trial", "status"], registry=self.registry)
-        self.feedback_total = Counter("cds_feedback_total", "Feedback received by outcome (repeats counted apart)",
-                                      ["outcome", "repeat"], registry=self.registry)
+        self.hook_calls = Counter(
+            "cds_hook_calls_total",
+            "Hook calls by service and HTTP status",
+            ["service", "status"],
+            registry=self.registry,
+        )
+        self.hook_latency = Histogram(
+            "cds_hook_latency_seconds",
+            "Hook service time",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.fhir_queries = Histogram(
+            "cds_fhir_query_seconds",
+            "FHIR query latency by resource type",
+            ["resource_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.fhir_failures = Counter(
+            "cds_fhir_query_failures_total",
+            "Failed FHIR queries by resource type",
+            ["resource_type"],
+            registry=self.registry,
+        )
+        self.cards = Counter(
+            "cds_cards_issued_total",
+            "Cards issued by trial and eligibility status",
+            ["trial", "status"],
+            registry=self.registry,
+        )
+        self.feedback_total = Counter(
+            "cds_feedback_total",
+            "Feedback received by outcome (repeats counted apart)",
+            ["outcome", "repeat"],
+            registry=self.registry,
+        )
 
     def hook_call(self, service: str, status: int, seconds: float) -> None:
         self.hook_calls.labels(service, str(status)).inc()

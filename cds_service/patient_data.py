@@ -58,20 +58,38 @@ def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: in
     queries = [PrefetchQuery("patient", f"Patient/{PATIENT_TOKEN}", "Patient", None)]
     window_codes = knowledge.observation_query_codes(observation_inputs, "window")
     if window_codes:
-        queries.append(PrefetchQuery(
-            "observations", f"Observation?patient={PATIENT_TOKEN}&code={_codes(window_codes)}&_count={page_size}",
-            "Observation", "date"))
+        queries.append(
+            PrefetchQuery(
+                "observations",
+                f"Observation?patient={PATIENT_TOKEN}&code={_codes(window_codes)}&_count={page_size}",
+                "Observation",
+                "date",
+            )
+        )
     latest_codes = knowledge.observation_query_codes(observation_inputs, "latest")
     if latest_codes:
-        queries.append(PrefetchQuery(
-            "latestObservations",
-            f"Observation?patient={PATIENT_TOKEN}&code={_codes(latest_codes)}&_sort=-date&_count=50",
-            "Observation", None, single_page=True))
-    queries.append(PrefetchQuery("medicationAdministrations",
-                                 f"MedicationAdministration?patient={PATIENT_TOKEN}&_count={page_size}",
-                                 "MedicationAdministration", "effective-time"))
-    queries.append(PrefetchQuery("conditions", f"Condition?patient={PATIENT_TOKEN}&_count={page_size}",
-                                 "Condition", None))
+        queries.append(
+            PrefetchQuery(
+                "latestObservations",
+                f"Observation?patient={PATIENT_TOKEN}&code={_codes(latest_codes)}&_sort=-date&_count=50",
+                "Observation",
+                None,
+                single_page=True,
+            )
+        )
+    queries.append(
+        PrefetchQuery(
+            "medicationAdministrations",
+            f"MedicationAdministration?patient={PATIENT_TOKEN}&_count={page_size}",
+            "MedicationAdministration",
+            "effective-time",
+        )
+    )
+    queries.append(
+        PrefetchQuery(
+            "conditions", f"Condition?patient={PATIENT_TOKEN}&_count={page_size}", "Condition", None
+        )
+    )
     return PrefetchPlan(tuple(queries), frozenset(observation_inputs))
 
 
@@ -108,8 +126,14 @@ def _has_next(bundle: dict[str, Any]) -> bool:
     return any(isinstance(link, dict) and link.get("relation") == "next" for link in bundle.get("link") or ())
 
 
-def gather(request: HookRequest, plan: PrefetchPlan, client: FhirClient | None, fhir: dict[str, Any],
-           at: float, deadline: float | None = None) -> RawPatientData:
+def gather(
+    request: HookRequest,
+    plan: PrefetchPlan,
+    client: FhirClient | None,
+    fhir: dict[str, Any],
+    at: float,
+    deadline: float | None = None,
+) -> RawPatientData:
     """Collect the patient's data from prefetch, fetching what is missing. Raises DataUnavailable."""
     deadline = deadline if deadline is not None else time.monotonic() + float(fhir["deadline_seconds"])
     prefetch = request.prefetch or {}
@@ -123,7 +147,9 @@ def gather(request: HookRequest, plan: PrefetchPlan, client: FhirClient | None, 
                 data.resources[query.key] = []
                 continue
             if not isinstance(value, dict):
-                raise HookError(400, f"prefetch.{query.key}: must be a FHIR resource or null", [f"prefetch.{query.key}"])
+                raise HookError(
+                    400, f"prefetch.{query.key}: must be a FHIR resource or null", [f"prefetch.{query.key}"]
+                )
             kind = value.get("resourceType")
             if kind == "Bundle":
                 if _has_next(value) and not query.single_page:
@@ -135,9 +161,12 @@ def gather(request: HookRequest, plan: PrefetchPlan, client: FhirClient | None, 
                 data.patient = value
                 continue
             if kind != "OperationOutcome":
-                raise HookError(400, f"prefetch.{query.key}: expected a {query.resource_type} "
-                                     f"{'resource' if query.resource_type == 'Patient' else 'Bundle'}, got {kind!r}",
-                                [f"prefetch.{query.key}"])
+                raise HookError(
+                    400,
+                    f"prefetch.{query.key}: expected a {query.resource_type} "
+                    f"{'resource' if query.resource_type == 'Patient' else 'Bundle'}, got {kind!r}",
+                    [f"prefetch.{query.key}"],
+                )
             # An OperationOutcome: the client's query failed; fetch it ourselves.
         if query.resource_type == "Patient":
             # A search, not a read, so that it runs concurrently with the other queries.
@@ -149,19 +178,24 @@ def gather(request: HookRequest, plan: PrefetchPlan, client: FhirClient | None, 
         to_fetch[query.key] = url
     if (to_fetch or to_follow) and not request.fhir_server:
         missing = ", ".join(sorted([*to_fetch, *to_follow]))
-        raise DataUnavailable(f"prefetch incomplete ({missing}) and the request has no fhirServer to fetch from")
+        raise DataUnavailable(
+            f"prefetch incomplete ({missing}) and the request has no fhirServer to fetch from"
+        )
     if to_fetch or to_follow:
         assert client is not None and request.fhir_server is not None
         client.check_server(request.fhir_server)
         single_page = {q.key for q in plan.queries if q.single_page}
         if to_fetch:
-            fetched = client.search_many(request.fhir_server, request.access_token, to_fetch, deadline,
-                                         single_page=single_page)
+            fetched = client.search_many(
+                request.fhir_server, request.access_token, to_fetch, deadline, single_page=single_page
+            )
             patients = fetched.pop("patient", None)
             if patients is not None:
                 data.patient = next((p for p in patients if p.get("resourceType") == "Patient"), None)
             data.resources.update(fetched)
         for key, bundle in to_follow.items():
-            data.resources[key] = client.follow_next(request.fhir_server, request.access_token, bundle, deadline)
+            data.resources[key] = client.follow_next(
+                request.fhir_server, request.access_token, bundle, deadline
+            )
         data.fetched = sorted([*to_fetch, *to_follow])
     return data

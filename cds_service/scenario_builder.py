@@ -25,14 +25,25 @@ def iso(moment: datetime) -> str:
 class PatientBuilder:
     """Accumulates one patient's resources; ``hours`` arguments are hours *before* the evaluation time."""
 
-    def __init__(self, patient_id: str, at: datetime, *, age: int | None = 60, gender: str | None = "male",
-                 birth_date: date | None = None):
+    def __init__(
+        self,
+        patient_id: str,
+        at: datetime,
+        *,
+        age: int | None = 60,
+        gender: str | None = "male",
+        birth_date: date | None = None,
+    ):
         self.patient_id = patient_id
         self.at = at
         self.resources: list[dict[str, Any]] = []
         self._counter = 0
-        patient: dict[str, Any] = {"resourceType": "Patient", "id": patient_id, "active": True,
-                                   "name": [{"family": "Scenario", "given": [patient_id]}]}
+        patient: dict[str, Any] = {
+            "resourceType": "Patient",
+            "id": patient_id,
+            "active": True,
+            "name": [{"family": "Scenario", "given": [patient_id]}],
+        }
         if birth_date is None and age is not None:
             # Half a year past the birthday, so the age is unambiguous whatever the evaluation date.
             birth_date = (at - timedelta(days=age * 365.25 + 182)).date()
@@ -50,19 +61,34 @@ class PatientBuilder:
         return iso(self.at - timedelta(hours=hours))
 
     # -- observations -----------------------------------------------------------------------------
-    def observation(self, code: str, value: float | None, unit: str, hours: float, *, system: str = LOINC,
-                    display: str = "", category: str = "laboratory", status: str = "final",
-                    ucum: bool = True, value_codeable: tuple[str, str] | None = None,
-                    time_zone: str | None = None) -> dict[str, Any]:
+    def observation(
+        self,
+        code: str,
+        value: float | None,
+        unit: str,
+        hours: float,
+        *,
+        system: str = LOINC,
+        display: str = "",
+        category: str = "laboratory",
+        status: str = "final",
+        ucum: bool = True,
+        value_codeable: tuple[str, str] | None = None,
+        time_zone: str | None = None,
+    ) -> dict[str, Any]:
         resource: dict[str, Any] = {
-            "resourceType": "Observation", "id": self._id("obs"), "status": status,
+            "resourceType": "Observation",
+            "id": self._id("obs"),
+            "status": status,
             "category": [{"coding": [{"system": OBS_CATEGORY, "code": category}]}],
             "code": {"coding": [{"system": system, "code": code, "display": display or code}]},
             "subject": {"reference": f"Patient/{self.patient_id}"},
             "effectiveDateTime": self._timestamp(hours, time_zone),
         }
         if value_codeable is not None:
-            resource["valueCodeableConcept"] = {"coding": [{"system": value_codeable[0], "code": value_codeable[1]}]}
+            resource["valueCodeableConcept"] = {
+                "coding": [{"system": value_codeable[0], "code": value_codeable[1]}]
+            }
         elif value is not None:
             quantity: dict[str, Any] = {"value": value, "unit": unit}
             if ucum:
@@ -82,31 +108,52 @@ class PatientBuilder:
 
     def bp_panel(self, systolic: float, diastolic: float, hours: float, mean: float | None = None) -> None:
         components = [
-            {"code": {"coding": [{"system": LOINC, "code": "8480-6", "display": "Systolic blood pressure"}]},
-             "valueQuantity": {"value": systolic, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}},
-            {"code": {"coding": [{"system": LOINC, "code": "8462-4", "display": "Diastolic blood pressure"}]},
-             "valueQuantity": {"value": diastolic, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}},
+            {
+                "code": {
+                    "coding": [{"system": LOINC, "code": "8480-6", "display": "Systolic blood pressure"}]
+                },
+                "valueQuantity": {"value": systolic, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"},
+            },
+            {
+                "code": {
+                    "coding": [{"system": LOINC, "code": "8462-4", "display": "Diastolic blood pressure"}]
+                },
+                "valueQuantity": {"value": diastolic, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"},
+            },
         ]
         if mean is not None:
-            components.append({"code": {"coding": [{"system": LOINC, "code": "8478-0"}]},
-                               "valueQuantity": {"value": mean, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}})
-        self.resources.append({
-            "resourceType": "Observation", "id": self._id("bp"), "status": "final",
-            "category": [{"coding": [{"system": OBS_CATEGORY, "code": "vital-signs"}]}],
-            "code": {"coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure panel"}]},
-            "subject": {"reference": f"Patient/{self.patient_id}"},
-            "effectiveDateTime": self.time(hours), "component": components,
-        })
+            components.append(
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "8478-0"}]},
+                    "valueQuantity": {"value": mean, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"},
+                }
+            )
+        self.resources.append(
+            {
+                "resourceType": "Observation",
+                "id": self._id("bp"),
+                "status": "final",
+                "category": [{"coding": [{"system": OBS_CATEGORY, "code": "vital-signs"}]}],
+                "code": {"coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure panel"}]},
+                "subject": {"reference": f"Patient/{self.patient_id}"},
+                "effectiveDateTime": self.time(hours),
+                "component": components,
+            }
+        )
 
     def weight(self, kg: float, hours: float = 48, unit: str = "kg") -> None:
         self.observation("29463-7", kg, unit, hours, display="Body weight", category="vital-signs")
 
     def map(self, mmhg: float, hours: float) -> None:
-        self.observation("8478-0", mmhg, "mm[Hg]", hours, display="Mean blood pressure", category="vital-signs")
+        self.observation(
+            "8478-0", mmhg, "mm[Hg]", hours, display="Mean blood pressure", category="vital-signs"
+        )
 
     def lactate(self, mmol: float, hours: float, *, mg_dl: bool = False) -> None:
         if mg_dl:
-            self.observation("14118-4", round(mmol * 9.01, 1), "mg/dL", hours, display="Lactate [Mass/volume]")
+            self.observation(
+                "14118-4", round(mmol * 9.01, 1), "mg/dL", hours, display="Lactate [Mass/volume]"
+            )
         else:
             self.observation("2524-7", mmol, "mmol/L", hours, display="Lactate [Moles/volume]")
 
@@ -114,8 +161,18 @@ class PatientBuilder:
         self.observation("751-8", value, unit, hours, display="Neutrophils [#/volume] in Blood")
 
     # -- medications and conditions ---------------------------------------------------------------
-    def infusion(self, code: str, display: str, rate: float | None, unit: str, start: float,
-                 end: float | None = None, *, status: str | None = None, text_only: bool = False) -> None:
+    def infusion(
+        self,
+        code: str,
+        display: str,
+        rate: float | None,
+        unit: str,
+        start: float,
+        end: float | None = None,
+        *,
+        status: str | None = None,
+        text_only: bool = False,
+    ) -> None:
         """A vasoactive infusion from ``start`` hours ago to ``end`` hours ago (None: still running)."""
         period: dict[str, str] = {"start": self.time(start)}
         if end is not None:
@@ -124,29 +181,60 @@ class PatientBuilder:
         if not text_only:
             concept["coding"] = [{"system": RXNORM, "code": code, "display": display}]
         resource: dict[str, Any] = {
-            "resourceType": "MedicationAdministration", "id": self._id("med"),
+            "resourceType": "MedicationAdministration",
+            "id": self._id("med"),
             "status": status or ("in-progress" if end is None else "completed"),
             "medicationCodeableConcept": concept,
             "subject": {"reference": f"Patient/{self.patient_id}"},
             "effectivePeriod": period,
         }
         if rate is not None:
-            resource["dosage"] = {"route": {"text": "intravenous"},
-                                  "rateQuantity": {"value": rate, "unit": unit, "system": UCUM, "code": unit}}
+            resource["dosage"] = {
+                "route": {"text": "intravenous"},
+                "rateQuantity": {"value": rate, "unit": unit, "system": UCUM, "code": unit},
+            }
         self.resources.append(resource)
 
-    def norepinephrine(self, rate: float, unit: str, start: float, end: float | None = None, *,
-                       code: str = "7512", display: str = "norepinephrine") -> None:
+    def norepinephrine(
+        self,
+        rate: float,
+        unit: str,
+        start: float,
+        end: float | None = None,
+        *,
+        code: str = "7512",
+        display: str = "norepinephrine",
+    ) -> None:
         self.infusion(code, display, rate, unit, start, end)
 
-    def condition(self, system: str, code: str, display: str, onset_hours: float | None,
-                  clinical_status: str = "active", verification: str = "confirmed") -> None:
+    def condition(
+        self,
+        system: str,
+        code: str,
+        display: str,
+        onset_hours: float | None,
+        clinical_status: str = "active",
+        verification: str = "confirmed",
+    ) -> None:
         resource: dict[str, Any] = {
-            "resourceType": "Condition", "id": self._id("cond"),
-            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                                           "code": clinical_status}]},
-            "verificationStatus": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": verification}]},
+            "resourceType": "Condition",
+            "id": self._id("cond"),
+            "clinicalStatus": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                        "code": clinical_status,
+                    }
+                ]
+            },
+            "verificationStatus": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                        "code": verification,
+                    }
+                ]
+            },
             "code": {"coding": [{"system": system, "code": code, "display": display}]},
             "subject": {"reference": f"Patient/{self.patient_id}"},
         }
@@ -154,8 +242,15 @@ class PatientBuilder:
             resource["onsetDateTime"] = self.time(onset_hours)
         self.resources.append(resource)
 
-    def septic_shock_story(self, onset_hours: float, *, weight: float | None = 80.0, rate: float = 0.3,
-                           unit: str = "ug/kg/min", lactate: float = 4.2) -> None:
+    def septic_shock_story(
+        self,
+        onset_hours: float,
+        *,
+        weight: float | None = 80.0,
+        rate: float = 0.3,
+        unit: str = "ug/kg/min",
+        lactate: float = 4.2,
+    ) -> None:
         """Sepsis diagnosed, norepinephrine started ``onset_hours`` ago with a high lactate around it."""
         if weight is not None:
             self.weight(weight, hours=onset_hours + 20)
@@ -170,13 +265,22 @@ class PatientBuilder:
     def transaction(self) -> dict[str, Any]:
         """A transaction Bundle of PUTs: loading twice changes nothing."""
         return {
-            "resourceType": "Bundle", "type": "transaction",
-            "entry": [{"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r,
-                       "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                      for r in self.all_resources()],
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "fullUrl": f"{r['resourceType']}/{r['id']}",
+                    "resource": r,
+                    "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
+                }
+                for r in self.all_resources()
+            ],
         }
 
     def searchset(self, resource_type: str) -> dict[str, Any]:
-        entries = [{"resource": r, "search": {"mode": "match"}} for r in self.resources
-                   if r["resourceType"] == resource_type]
+        entries = [
+            {"resource": r, "search": {"mode": "match"}}
+            for r in self.resources
+            if r["resourceType"] == resource_type
+        ]
         return {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}

@@ -36,9 +36,12 @@ class Screener:
         self.settings = settings
         self.knowledge: Knowledge = load_knowledge(data_dir)
         self.derivation_params: dict[str, Any] = load_derivation_params(data_dir)
-        self.trials: list[Trial] = load_trials(data_dir, self.knowledge, settings.section("screening")["trials"])
-        self.plan: PrefetchPlan = build_prefetch_plan(self.knowledge, self.trials,
-                                                      int(settings.section("fhir")["page_size"]))
+        self.trials: list[Trial] = load_trials(
+            data_dir, self.knowledge, settings.section("screening")["trials"]
+        )
+        self.plan: PrefetchPlan = build_prefetch_plan(
+            self.knowledge, self.trials, int(settings.section("fhir")["page_size"])
+        )
         self.renderer = CardRenderer(data_dir, settings.section("screening"))
 
     def screen(self, patient_id: str, data: RawPatientData, at: float | None = None) -> ScreeningOutcome:

@@ -74,16 +74,18 @@ class ServiceState:
     def discovery(self) -> list[dict[str, Any]]:
         trials = self.screener.trials
         names = ", ".join(f"{t.short_name} ({t.id}, {t.registry_status})" for t in trials)
-        return [{
-            "hook": HOOK,
-            "id": SERVICE_ID,
-            "title": "Septic-shock clinical trial screening",
-            "description": f"Screens ICU patients in septic shock for clinical trials: {names}. "
-                           "Suggests referral to the research team; never decides eligibility.",
-            "prefetch": self.screener.plan.templates(),
-            "usageRequirements": "Needs read access to Patient, Observation, MedicationAdministration and "
-                                 "Condition for the patient in context.",
-        }]
+        return [
+            {
+                "hook": HOOK,
+                "id": SERVICE_ID,
+                "title": "Septic-shock clinical trial screening",
+                "description": f"Screens ICU patients in septic shock for clinical trials: {names}. "
+                "Suggests referral to the research team; never decides eligibility.",
+                "prefetch": self.screener.plan.templates(),
+                "usageRequirements": "Needs read access to Patient, Observation, "
+                "MedicationAdministration and Condition for the patient in context.",
+            }
+        ]
 
     def audience(self, path: str) -> str:
         public_url = self.settings.section("server")["public_url"].rstrip("/")
@@ -102,32 +104,52 @@ class ServiceState:
         cards: list[dict[str, Any]] = []
         silence = float(self.settings.section("screening")["override_silence_hours"]) * 3600
         for result, card in self.screener.cards(outcome):
-            override = self.store.last_override(request.patient_id, result.trial.id, at - silence) if silence else None
+            override = (
+                self.store.last_override(request.patient_id, result.trial.id, at - silence)
+                if silence
+                else None
+            )
             if override is not None and not (override.status == POSSIBLY and result.status == ELIGIBLE):
                 log.info("card silenced after an override", extra={"fields": {"trial": result.trial.id}})
                 continue
-            self.store.record_card(IssuedCard(
-                card_uuid=card["uuid"], patient_id=request.patient_id, trial_id=result.trial.id,
-                hook_instance=request.hook_instance, issued_at=at, status=result.status,
-                criteria_unmet=[r.criterion.id for r in result.blocking],
-                criteria_unknown=[r.criterion.id for r in result.unknown],
-                criteria_to_confirm=[r.criterion.id for r in result.to_confirm],
-            ))
+            self.store.record_card(
+                IssuedCard(
+                    card_uuid=card["uuid"],
+                    patient_id=request.patient_id,
+                    trial_id=result.trial.id,
+                    hook_instance=request.hook_instance,
+                    issued_at=at,
+                    status=result.status,
+                    criteria_unmet=[r.criterion.id for r in result.blocking],
+                    criteria_unknown=[r.criterion.id for r in result.unknown],
+                    criteria_to_confirm=[r.criterion.id for r in result.to_confirm],
+                )
+            )
             self.metrics.card_issued(result.trial.id, result.status)
             cards.append(card)
-        log.info("screened", extra={"fields": {
-            "trials": {r.trial.id: r.status for r in outcome.results},
-            "fetched": data.fetched, "cards": len(cards),
-            "unknown_codes": sum(outcome.facts.unknown_codes.values()),
-            "skipped": sum(outcome.facts.skipped.values()),
-        }})
+        log.info(
+            "screened",
+            extra={
+                "fields": {
+                    "trials": {r.trial.id: r.status for r in outcome.results},
+                    "fetched": data.fetched,
+                    "cards": len(cards),
+                    "unknown_codes": sum(outcome.facts.unknown_codes.values()),
+                    "skipped": sum(outcome.facts.skipped.values()),
+                }
+            },
+        )
         return cards
 
     def record_feedback(self, item: dict[str, Any], outcome_time: float) -> None:
         reason = (item.get("overrideReason") or {}).get("reason") or {}
         feedback = Feedback(
-            card_uuid=item["card"], outcome=item["outcome"], outcome_timestamp=outcome_time,
-            received_at=time.time(), reason_code=reason.get("code"), reason_display=reason.get("display"),
+            card_uuid=item["card"],
+            outcome=item["outcome"],
+            outcome_timestamp=outcome_time,
+            received_at=time.time(),
+            reason_code=reason.get("code"),
+            reason_display=reason.get("display"),
             user_comment=(item.get("overrideReason") or {}).get("userComment"),
             accepted_suggestions=[s["id"] for s in item.get("acceptedSuggestions") or []],
         )

@@ -47,9 +47,20 @@ TRIAL_SCHEMA: dict[str, Any] = {
         "type": "dict",
         "required": True,
         "schema": {
-            "status": {"type": "string", "required": True,
-                       "allowed": ["recruiting", "not yet recruiting", "active, not recruiting", "completed",
-                                   "terminated", "withdrawn", "suspended", "unknown"]},
+            "status": {
+                "type": "string",
+                "required": True,
+                "allowed": [
+                    "recruiting",
+                    "not yet recruiting",
+                    "active, not recruiting",
+                    "completed",
+                    "terminated",
+                    "withdrawn",
+                    "suspended",
+                    "unknown",
+                ],
+            },
             "checked": {"type": "string", "required": True},
             "url": {"type": "string", "regex": r"^https://.+", "required": True},
             "note": {"type": "string"},
@@ -57,8 +68,13 @@ TRIAL_SCHEMA: dict[str, Any] = {
     },
     "links": {
         "type": "list",
-        "schema": {"type": "dict", "schema": {"label": {"type": "string", "required": True},
-                                              "url": {"type": "string", "regex": r"^https://.+", "required": True}}},
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "label": {"type": "string", "required": True},
+                "url": {"type": "string", "regex": r"^https://.+", "required": True},
+            },
+        },
     },
     "sources": {"type": "list", "schema": {"type": "string"}, "required": True},
     "enrollment_window": {
@@ -127,13 +143,23 @@ class Trial:
         return names
 
 
-def _check_rule(rule: Any, path: tuple[Any, ...], loaded: LoadedFile, knowledge: Knowledge,
-                problems: list[DataFileProblem]) -> None:
+def _check_rule(
+    rule: Any,
+    path: tuple[Any, ...],
+    loaded: LoadedFile,
+    knowledge: Knowledge,
+    problems: list[DataFileProblem],
+) -> None:
     if not isinstance(rule, dict) or len(rule) != 1:
-        problems.append(loaded.problem(path, f"a rule is a mapping with exactly one of: {', '.join(RULE_SCHEMAS)}, "
-                                             f"{', '.join(COMBINATORS)}"))
+        problems.append(
+            loaded.problem(
+                path,
+                f"a rule is a mapping with exactly one of: {', '.join(RULE_SCHEMAS)}, "
+                f"{', '.join(COMBINATORS)}",
+            )
+        )
         return
-    (kind, spec), = rule.items()
+    ((kind, spec),) = rule.items()
     if kind in ("all_of", "any_of"):
         if not isinstance(spec, list) or not spec:
             problems.append(loaded.problem((*path, kind), "must be a non-empty list of rules"))
@@ -145,8 +171,12 @@ def _check_rule(rule: Any, path: tuple[Any, ...], loaded: LoadedFile, knowledge:
         _check_rule(spec, (*path, kind), loaded, knowledge, problems)
         return
     if kind not in RULE_SCHEMAS:
-        problems.append(loaded.problem((*path, kind), f"unknown rule kind (use one of {', '.join(RULE_SCHEMAS)}, "
-                                                      f"{', '.join(COMBINATORS)})"))
+        problems.append(
+            loaded.problem(
+                (*path, kind),
+                f"unknown rule kind (use one of {', '.join(RULE_SCHEMAS)}, {', '.join(COMBINATORS)})",
+            )
+        )
         return
     validator = Validator(RULE_SCHEMAS[kind])
     if not isinstance(spec, dict) or not validator.validate(spec):
@@ -156,10 +186,19 @@ def _check_rule(rule: Any, path: tuple[Any, ...], loaded: LoadedFile, knowledge:
         return
     name = spec.get("input")
     if name is not None and name not in knowledge.inputs and name not in DERIVED_INPUTS:
-        problems.append(loaded.problem((*path, kind, "input"), f"unknown input {name!r} (not in mappings/ nor derived)"))
-    elif name in knowledge.inputs and "unit" in spec and spec["unit"] != knowledge.inputs[name].canonical_unit:
-        problems.append(loaded.problem((*path, kind, "unit"), f"{name} is compared in its canonical unit "
-                                       f"{knowledge.inputs[name].canonical_unit!r}, not {spec['unit']!r}"))
+        problems.append(
+            loaded.problem((*path, kind, "input"), f"unknown input {name!r} (not in mappings/ nor derived)")
+        )
+    elif (
+        name in knowledge.inputs and "unit" in spec and spec["unit"] != knowledge.inputs[name].canonical_unit
+    ):
+        problems.append(
+            loaded.problem(
+                (*path, kind, "unit"),
+                f"{name} is compared in its canonical unit "
+                f"{knowledge.inputs[name].canonical_unit!r}, not {spec['unit']!r}",
+            )
+        )
     for value_set in spec.get("value_sets", ()):
         if value_set not in knowledge.value_sets:
             problems.append(loaded.problem((*path, kind, "value_sets"), f"unknown value set {value_set!r}"))
@@ -178,17 +217,32 @@ def load_trial(path: Path, knowledge: Knowledge) -> Trial:
                 problems.append(loaded.problem((*where, "id"), f"duplicate criterion id {raw['id']!r}"))
             seen.add(raw["id"])
             if ("rule" in raw) == ("confirm" in raw):
-                problems.append(loaded.problem(where, "give exactly one of `rule` (computable) or `confirm` "
-                                                      "(for the clinician)"))
+                problems.append(
+                    loaded.problem(
+                        where, "give exactly one of `rule` (computable) or `confirm` (for the clinician)"
+                    )
+                )
                 continue
             if "rule" in raw:
                 _check_rule(raw["rule"], (*where, "rule"), loaded, knowledge, problems)
-            criteria[kind].append(Criterion(raw["id"], raw["text"], raw["source"], kind, raw.get("rule"),
-                                            raw.get("confirm"), raw.get("measure")))
+            criteria[kind].append(
+                Criterion(
+                    raw["id"],
+                    raw["text"],
+                    raw["source"],
+                    kind,
+                    raw.get("rule"),
+                    raw.get("confirm"),
+                    raw.get("measure"),
+                )
+            )
     window = document["enrollment_window"]
     if window["anchor"] not in DERIVED_INPUTS:
-        problems.append(loaded.problem(("enrollment_window", "anchor"), "must be a derived time input "
-                                                                         "(septic_shock_onset)"))
+        problems.append(
+            loaded.problem(
+                ("enrollment_window", "anchor"), "must be a derived time input (septic_shock_onset)"
+            )
+        )
     try:
         opens, closes = parse_duration(window["opens_after"]), parse_duration(window["closes_after"])
         if closes <= opens:
@@ -203,13 +257,23 @@ def load_trial(path: Path, knowledge: Knowledge) -> Trial:
         raise DataFileError(problems)
     registry = document["registry"]
     return Trial(
-        id=document["id"], short_name=document["short_name"], title=document["title"],
-        sponsor=document["sponsor"], registry_status=registry["status"], registry_checked=registry["checked"],
-        registry_url=registry["url"], registry_note=registry.get("note", ""),
+        id=document["id"],
+        short_name=document["short_name"],
+        title=document["title"],
+        sponsor=document["sponsor"],
+        registry_status=registry["status"],
+        registry_checked=registry["checked"],
+        registry_url=registry["url"],
+        registry_note=registry.get("note", ""),
         links=tuple((link["label"], link["url"]) for link in document.get("links", [])),
-        window_anchor=window["anchor"], window_opens=opens, window_closes=closes, window_source=window["source"],
+        window_anchor=window["anchor"],
+        window_opens=opens,
+        window_closes=closes,
+        window_source=window["source"],
         summary_criteria=tuple(document.get("summary_criteria", [])),
-        inclusion=tuple(criteria["inclusion"]), exclusion=tuple(criteria["exclusion"]), path=str(path),
+        inclusion=tuple(criteria["inclusion"]),
+        exclusion=tuple(criteria["exclusion"]),
+        path=str(path),
     )
 
 
@@ -227,8 +291,14 @@ def load_trials(data_dir: Path, knowledge: Knowledge, selected: list[str] | None
         problems.append(DataFileProblem(str(data_dir / "trials"), None, "id", f"{trial_id} defined twice"))
     for trial_id in selected or []:
         if trial_id not in ids:
-            problems.append(DataFileProblem("configuration", None, "screening.trials",
-                                            f"{trial_id}: no such trial file in {data_dir / 'trials'}"))
+            problems.append(
+                DataFileProblem(
+                    "configuration",
+                    None,
+                    "screening.trials",
+                    f"{trial_id}: no such trial file in {data_dir / 'trials'}",
+                )
+            )
     if problems:
         raise DataFileError(problems)
     if selected:

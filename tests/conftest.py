@@ -79,20 +79,34 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def hook_body(builder: PatientBuilder | None = None, *, patient_id: str | None = None, prefetch: bool = True,
-              fhir_server: str | None = None, token: str | None = None, **extra: Any) -> dict[str, Any]:
+def hook_body(
+    builder: PatientBuilder | None = None,
+    *,
+    patient_id: str | None = None,
+    prefetch: bool = True,
+    fhir_server: str | None = None,
+    token: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """A patient-view request, with the builder's data as prefetch (the service's template keys)."""
     body: dict[str, Any] = {
         "hook": "patient-view",
         "hookInstance": str(uuid.uuid4()),
-        "context": {"userId": "Practitioner/icu-doc-1",
-                    "patientId": patient_id or (builder.patient_id if builder else "p1")},
+        "context": {
+            "userId": "Practitioner/icu-doc-1",
+            "patientId": patient_id or (builder.patient_id if builder else "p1"),
+        },
     }
     if fhir_server:
         body["fhirServer"] = fhir_server
     if token:
-        body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
-                                     "scope": "patient/*.read", "subject": "cds-service"}
+        body["fhirAuthorization"] = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service",
+        }
     if prefetch and builder is not None:
         body["prefetch"] = {
             "patient": builder.patient,

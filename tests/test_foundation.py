@@ -38,9 +38,14 @@ def test_discovery_lists_the_patient_view_service_with_prefetch(client: FlaskCli
 
 def test_cors_preflight_and_headers_on_every_route(client: FlaskClient) -> None:
     for path in ("/cds-services", SERVICE_URL, f"{SERVICE_URL}/feedback"):
-        response = client.options(path, headers={"Origin": "https://sandbox.cds-hooks.org",
-                                                 "Access-Control-Request-Method": "POST",
-                                                 "Access-Control-Request-Headers": "authorization,content-type"})
+        response = client.options(
+            path,
+            headers={
+                "Origin": "https://sandbox.cds-hooks.org",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert response.status_code == 200, path
         allowed = response.headers["Access-Control-Allow-Headers"].lower()
         assert "authorization" in allowed and "content-type" in allowed
@@ -69,7 +74,8 @@ def test_normal_neutrophil_count_gives_no_msc_card(client: FlaskClient, now: dat
 
 
 def test_missing_neutrophil_count_is_possibly_eligible_and_says_what_to_measure(
-        client: FlaskClient, now: datetime) -> None:
+    client: FlaskClient, now: datetime
+) -> None:
     builder = PatientBuilder("msc-no-anc", now, age=50, gender="male")
     builder.septic_shock_story(onset_hours=3)
     response = client.post(SERVICE_URL, json=hook_body(builder))
@@ -96,12 +102,17 @@ def test_bad_inputs_get_operation_outcomes(client: FlaskClient, now: datetime) -
             response = client.post(SERVICE_URL, data=body, content_type="application/json")
         else:
             response = client.post(SERVICE_URL, json=body)
-        assert response.status_code == status, (body if isinstance(body, bytes) else list(body), response.data)
+        assert response.status_code == status, (
+            body if isinstance(body, bytes) else list(body),
+            response.data,
+        )
         outcome = response.get_json()
         assert outcome["resourceType"] == "OperationOutcome"
         assert outcome["issue"][0]["diagnostics"]
         assert "Traceback" not in outcome["issue"][0]["diagnostics"]
-    missing_field = client.post(SERVICE_URL, json={**good, "context": {"userId": "Practitioner/1"}}).get_json()
+    missing_field = client.post(
+        SERVICE_URL, json={**good, "context": {"userId": "Practitioner/1"}}
+    ).get_json()
     assert "context.patientId" in missing_field["issue"][0]["expression"]
     assert client.post("/cds-services/nope", json=good).status_code == 404
 
@@ -120,18 +131,34 @@ def test_body_over_the_limit_is_413(tmp_path, now: datetime) -> None:
 def test_feedback_is_stored_idempotently(client: FlaskClient, app, now: datetime) -> None:
     response = client.post(SERVICE_URL, json=hook_body(neutropenic_septic_shock(now)))
     card_uuid = response.get_json()["cards"][0]["uuid"]
-    feedback = {"feedback": [{"card": card_uuid, "outcome": "overridden", "outcomeTimestamp": now.isoformat(),
-                              "overrideReason": {"reason": {"code": "declined", "display": "Declined"},
-                                                 "userComment": "family declined"}}]}
+    feedback = {
+        "feedback": [
+            {
+                "card": card_uuid,
+                "outcome": "overridden",
+                "outcomeTimestamp": now.isoformat(),
+                "overrideReason": {
+                    "reason": {"code": "declined", "display": "Declined"},
+                    "userComment": "family declined",
+                },
+            }
+        ]
+    }
     for _ in range(2):  # clients retry: the same feedback twice is stored once
         assert client.post(f"{SERVICE_URL}/feedback", json=feedback).status_code == 200
     store = app.extensions["cds"].store
     stored = store.feedback_for_card(card_uuid)
     assert len(stored) == 1 and stored[0].outcome == "overridden"
-    unknown = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": now.isoformat()}]}
+    unknown = {
+        "feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": now.isoformat()}]
+    }
     assert client.post(f"{SERVICE_URL}/feedback", json=unknown).status_code == 200
-    for garbage in ({"feedback": "x"}, {"feedback": [{"card": "x"}]}, [], {"feedback": [
-            {"card": card_uuid, "outcome": "maybe", "outcomeTimestamp": now.isoformat()}]}):
+    for garbage in (
+        {"feedback": "x"},
+        {"feedback": [{"card": "x"}]},
+        [],
+        {"feedback": [{"card": card_uuid, "outcome": "maybe", "outcomeTimestamp": now.isoformat()}]},
+    ):
         response = client.post(f"{SERVICE_URL}/feedback", json=garbage)
         assert response.status_code == 400
         assert response.get_json()["resourceType"] == "OperationOutcome"
