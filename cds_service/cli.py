@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--trial", default=None, help="only this trial (NCT id)")
     add_config(log)
     log.set_defaults(func=cmd_screening_log)
+    # Subcommands defined next to the code they drive (each module has `register(subparsers)`):
+    # -- register: scenarios --
+    # -- register: harness --
     return parser
 
 

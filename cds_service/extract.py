@@ -329,7 +329,8 @@ def extract(
             if not isinstance(resource, dict):
                 facts.skipped["not a resource"] += 1
                 continue
-            handler = handlers.get(resource.get("resourceType"))  # type: ignore[arg-type]
+            kind = resource.get("resourceType")
+            handler = handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 continue
             try:

@@ -112,18 +112,31 @@ def _since(at: float, lookback_hours: float) -> str:
     return start.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _bundle_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for entry in bundle.get("entry") or ():
-        if isinstance(entry, dict):
-            resource = entry.get("resource")
-            if isinstance(resource, dict) and (entry.get("search") or {}).get("mode") != "outcome":
-                out.append(resource)
+def _bundle_resources(bundle: dict[str, Any], key: str) -> list[Any]:
+    """The entries' resources. A malformed entry is passed on as-is: extraction counts it as skipped."""
+    entries = bundle.get("entry")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise HookError(400, f"prefetch.{key}: Bundle.entry must be a list", [f"prefetch.{key}.entry"])
+    out: list[Any] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            out.append(entry)
+            continue
+        search = entry.get("search")
+        if isinstance(search, dict) and search.get("mode") == "outcome":
+            continue
+        out.append(entry.get("resource"))
     return out
 
 
 def _has_next(bundle: dict[str, Any]) -> bool:
-    return any(isinstance(link, dict) and link.get("relation") == "next" for link in bundle.get("link") or ())
+    links = bundle.get("link")
+    return isinstance(links, list) and any(
+        isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str)
+        for link in links
+    )
 
 
 def gather(
@@ -155,7 +168,7 @@ def gather(
                 if _has_next(value) and not query.single_page:
                     to_follow[query.key] = value
                 else:
-                    data.resources[query.key] = _bundle_resources(value)
+                    data.resources[query.key] = _bundle_resources(value, query.key)
                 continue
             if kind == query.resource_type == "Patient":
                 data.patient = value
