@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,15 @@ ALLOWED_STATUSES = {200, 400, 404, 412, 413}
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 def _valid_request() -> dict[str, Any]:
-    at = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+    at = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
     builder = PatientBuilder("cdsh-fuzz", at, age=45, gender="female")
     builder.septic_shock_story(onset_hours=4)
     builder.anc(400, hours=2, unit="/uL")
@@ -110,11 +112,17 @@ def test_random_bytes_to_the_hook(fuzz_client: Any, raw: bytes) -> None:
     _check(fuzz_client.post(SERVICE_URL, data=raw, content_type="application/json"))
 
 
-FEEDBACK_VALID = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "overridden",
-                                "outcomeTimestamp": "2026-11-21T12:00:00Z",
-                                "overrideReason": {"reason": {"code": "declined", "display": "Declined"},
-                                                   "userComment": "no"},
-                                "acceptedSuggestions": [{"id": str(uuid.uuid4())}]}]}
+FEEDBACK_VALID = {
+    "feedback": [
+        {
+            "card": str(uuid.uuid4()),
+            "outcome": "overridden",
+            "outcomeTimestamp": "2026-11-21T12:00:00Z",
+            "overrideReason": {"reason": {"code": "declined", "display": "Declined"}, "userComment": "no"},
+            "acceptedSuggestions": [{"id": str(uuid.uuid4())}],
+        }
+    ]
+}
 FEEDBACK_PATHS: list[tuple[Any, ...]] = []
 PATHS_BACKUP = PATHS
 PATHS = FEEDBACK_PATHS

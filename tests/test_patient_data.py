@@ -57,17 +57,21 @@ def loaded_patient(fhir_server: Any, now: datetime, request: pytest.FixtureReque
     fhir_server.delete_patient_everything(builder.patient_id)
 
 
-def test_same_cards_with_full_prefetch_and_with_none(tmp_path: Path, fhir_server: Any,
-                                                     loaded_patient: PatientBuilder) -> None:
+def test_same_cards_with_full_prefetch_and_with_none(
+    tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder
+) -> None:
     client = _app(tmp_path).test_client()
     with_prefetch = client.post(SERVICE_URL, json=hook_body(loaded_patient))
-    without = client.post(SERVICE_URL, json=hook_body(loaded_patient, prefetch=False,
-                                                      fhir_server=fhir_server.base_url))
+    without = client.post(
+        SERVICE_URL, json=hook_body(loaded_patient, prefetch=False, fhir_server=fhir_server.base_url)
+    )
     assert _msc_card(with_prefetch) is not None
     assert _summaries(with_prefetch) == _summaries(without)
 
 
-def test_missing_prefetch_keys_are_fetched(tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder) -> None:
+def test_missing_prefetch_keys_are_fetched(
+    tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder
+) -> None:
     body = hook_body(loaded_patient, fhir_server=fhir_server.base_url)
     del body["prefetch"]["observations"]  # the client's query failed: the sandbox leaves the key out
     del body["prefetch"]["patient"]
@@ -75,17 +79,21 @@ def test_missing_prefetch_keys_are_fetched(tmp_path: Path, fhir_server: Any, loa
     assert card is not None and "ANC 0.4" in card["summary"]
 
 
-def test_operation_outcome_in_prefetch_is_treated_as_missing(tmp_path: Path, fhir_server: Any,
-                                                            loaded_patient: PatientBuilder) -> None:
+def test_operation_outcome_in_prefetch_is_treated_as_missing(
+    tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder
+) -> None:
     body = hook_body(loaded_patient, fhir_server=fhir_server.base_url)
-    body["prefetch"]["observations"] = {"resourceType": "OperationOutcome",
-                                        "issue": [{"severity": "error", "code": "timeout"}]}
+    body["prefetch"]["observations"] = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "timeout"}],
+    }
     card = _msc_card(_app(tmp_path).test_client().post(SERVICE_URL, json=body))
     assert card is not None and card["summary"].startswith("MSC")
 
 
-def test_null_prefetch_means_no_data_and_is_not_fetched(tmp_path: Path, fhir_server: Any,
-                                                       loaded_patient: PatientBuilder) -> None:
+def test_null_prefetch_means_no_data_and_is_not_fetched(
+    tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder
+) -> None:
     body = hook_body(loaded_patient, fhir_server=fhir_server.base_url)
     body["prefetch"]["observations"] = None  # the client looked: nothing. Lactate and ANC unseen.
     card = _msc_card(_app(tmp_path).test_client().post(SERVICE_URL, json=body))
@@ -102,12 +110,16 @@ def test_bundle_without_entry_is_no_data(tmp_path: Path, now: datetime) -> None:
 
 
 def test_paginated_prefetch_bundle_is_followed_through_fhir_server(
-        tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder) -> None:
+    tmp_path: Path, fhir_server: Any, loaded_patient: PatientBuilder
+) -> None:
     app = _app(tmp_path)
     template = app.extensions["cds"].screener.plan.templates()["observations"]
-    query = template.replace("{{context.patientId}}", loaded_patient.patient_id).replace("_count=1000", "_count=1")
-    first_page = requests.get(f"{fhir_server.base_url}/{query}", headers={"Accept": "application/fhir+json"},
-                              timeout=5).json()
+    query = template.replace("{{context.patientId}}", loaded_patient.patient_id).replace(
+        "_count=1000", "_count=1"
+    )
+    first_page = requests.get(
+        f"{fhir_server.base_url}/{query}", headers={"Accept": "application/fhir+json"}, timeout=5
+    ).json()
     assert any(link["relation"] == "next" for link in first_page["link"])
     body = hook_body(loaded_patient, fhir_server=fhir_server.base_url)
     body["prefetch"]["observations"] = first_page
@@ -116,7 +128,9 @@ def test_paginated_prefetch_bundle_is_followed_through_fhir_server(
 
 
 def test_no_prefetch_and_no_fhir_server_is_412(tmp_path: Path, now: datetime) -> None:
-    response = _app(tmp_path).test_client().post(SERVICE_URL, json=hook_body(_patient(now, "p"), prefetch=False))
+    response = (
+        _app(tmp_path).test_client().post(SERVICE_URL, json=hook_body(_patient(now, "p"), prefetch=False))
+    )
     assert response.status_code == 412
     assert response.get_json()["resourceType"] == "OperationOutcome"
 
@@ -124,10 +138,12 @@ def test_no_prefetch_and_no_fhir_server_is_412(tmp_path: Path, now: datetime) ->
 DEADLINE = 1.0
 
 
-@pytest.mark.parametrize("fault", ["slow", "http500", "http401", "malformed", "next_loop", "refused",
-                                   "operation_outcome"])
-def test_misbehaving_fhir_server_gets_412_within_the_deadline(tmp_path: Path, now: datetime,
-                                                              fault_server: FaultServer, fault: str) -> None:
+@pytest.mark.parametrize(
+    "fault", ["slow", "http500", "http401", "malformed", "next_loop", "refused", "operation_outcome"]
+)
+def test_misbehaving_fhir_server_gets_412_within_the_deadline(
+    tmp_path: Path, now: datetime, fault_server: FaultServer, fault: str
+) -> None:
     base_url = fault_server.base_url
     if fault == "slow":
         fault_server.slow(None, 5.0)
@@ -145,8 +161,12 @@ def test_misbehaving_fhir_server_gets_412_within_the_deadline(tmp_path: Path, no
         base_url = refused_url()
     client = _app(tmp_path, deadline_seconds=DEADLINE).test_client()
     started = time.monotonic()
-    response = client.post(SERVICE_URL, json=hook_body(_patient(now, "cdsh-fault"), prefetch=False,
-                                                       fhir_server=base_url, token="secret-access-token"))
+    response = client.post(
+        SERVICE_URL,
+        json=hook_body(
+            _patient(now, "cdsh-fault"), prefetch=False, fhir_server=base_url, token="secret-access-token"
+        ),
+    )
     elapsed = time.monotonic() - started
     assert response.status_code == 412, response.data
     assert response.get_json()["resourceType"] == "OperationOutcome"
@@ -154,12 +174,17 @@ def test_misbehaving_fhir_server_gets_412_within_the_deadline(tmp_path: Path, no
     assert "secret-access-token" not in response.get_data(as_text=True)
 
 
-def test_token_is_never_sent_outside_the_allow_list(tmp_path: Path, now: datetime, fhir_server: Any,
-                                                    fault_server: FaultServer) -> None:
+def test_token_is_never_sent_outside_the_allow_list(
+    tmp_path: Path, now: datetime, fhir_server: Any, fault_server: FaultServer
+) -> None:
     fault_server.bundle(None, [])
     client = _app(tmp_path, allowed_servers=[fhir_server.base_url]).test_client()
-    body = hook_body(_patient(now, "cdsh-capture"), prefetch=False, fhir_server=fault_server.base_url,
-                     token="secret-access-token")
+    body = hook_body(
+        _patient(now, "cdsh-capture"),
+        prefetch=False,
+        fhir_server=fault_server.base_url,
+        token="secret-access-token",
+    )
     response = client.post(SERVICE_URL, json=body)
     assert response.status_code == 412
     assert fault_server.requests == []  # not even a request without the token
@@ -170,11 +195,14 @@ def test_token_is_never_sent_outside_the_allow_list(tmp_path: Path, now: datetim
     assert seen == {"Bearer secret-access-token"}
 
 
-def test_plain_http_fhir_server_refused_unless_allowed(tmp_path: Path, now: datetime,
-                                                      fault_server: FaultServer) -> None:
+def test_plain_http_fhir_server_refused_unless_allowed(
+    tmp_path: Path, now: datetime, fault_server: FaultServer
+) -> None:
     fault_server.bundle(None, [])
     client = _app(tmp_path, allow_http=False).test_client()
-    response = client.post(SERVICE_URL, json=hook_body(_patient(now, "cdsh-http"), prefetch=False,
-                                                       fhir_server=fault_server.base_url))
+    response = client.post(
+        SERVICE_URL,
+        json=hook_body(_patient(now, "cdsh-http"), prefetch=False, fhir_server=fault_server.base_url),
+    )
     assert response.status_code == 412
     assert fault_server.requests == []
