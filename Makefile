@@ -7,7 +7,7 @@ SEKMET_VERSION := 0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run install dev fhir-server-env postgres-bin test lint check bench clean
+.PHONY: run install dev fhir-server-env postgres-bin test lint check bench image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ check: install
 
 bench: dev fhir-server-env
 	$(BIN)/python -m cds_service.bench --out bench-results
+
+# Needs a Docker engine (not available in CI): see docs/deploy.md.
+image:
+	docker build -f docker/Dockerfile -t cds-septic-shock-trials .
 
 clean:
 	rm -rf $(VENV) $(FHIR_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -34,7 +34,7 @@ def create_app(
     @app.get("/metrics")
     def metrics_route() -> Response:
         body, content_type = state.metrics.exposition()
-        return Response(body, mimetype=content_type.split(";")[0])
+        return Response(body, content_type=content_type)  # with its format version, as Prometheus wants
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -31,7 +31,7 @@ def parse_at(text: str | None) -> float | None:
         return None
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"--at needs a time zone offset (e.g. {text}Z): {text!r}")
+        raise argparse.ArgumentTypeError(f"a time zone offset is needed (e.g. {text}Z): {text!r}")
     return moment.timestamp()
 
 
@@ -39,15 +39,23 @@ def parse_at(text: str | None) -> float | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import shutil
+
     from gunicorn.app.base import BaseApplication
 
+    from . import metrics as prometheus
     from .app import create_app
 
     settings = _settings(args, server__host=args.host, server__port=args.port, server__workers=args.workers)
     server = settings.section("server")
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Aggregate /metrics across gunicorn workers.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cds-metrics-")
+    # Aggregate /metrics across gunicorn workers: file-backed values, switched on before the app (and
+    # its metrics) exist and before the workers fork. prometheus-client picked its value class when it
+    # was imported (just above), so setting the environment variable alone is not enough. A directory
+    # we create is removed at exit; a given one ($PROMETHEUS_MULTIPROC_DIR) is emptied of old files.
+    given_dir = os.environ.get(prometheus.MULTIPROC_ENV) or ""
+    metrics_dir = prometheus.enable_multiprocess(
+        given_dir or tempfile.mkdtemp(prefix="cds-metrics-"), wipe=True
+    )
     app = create_app(settings)  # loads and validates every knowledge file before any worker starts
 
     class Server(BaseApplication):  # type: ignore[misc]
@@ -59,6 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)
             self.cfg.set("preload_app", True)
+            self.cfg.set("child_exit", lambda _arbiter, worker: prometheus.mark_process_dead(worker.pid))
+            if not given_dir:
+                self.cfg.set("on_exit", lambda _arbiter: shutil.rmtree(metrics_dir, ignore_errors=True))
 
         def load(self) -> Any:
             return app
@@ -169,15 +180,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_screening_log(args: argparse.Namespace) -> int:
+    """CSV of every card issued (one row each) with its latest feedback: docs/cards.md, "Screening log"."""
     from .store import export_screening_csv, open_store
 
     settings = _settings(args)
     store = open_store(settings.section("store")["url"])
+    trials = set(args.trial or [])
     try:
-        rows = store.screening_log(since=args.since, trial_id=args.trial)
-        export_screening_csv(rows, sys.stdout)
+        rows = store.screening_log(
+            since=args.since, trial_id=next(iter(trials)) if len(trials) == 1 else None
+        )
+        count = export_screening_csv([r for r in rows if not trials or r.trial_id in trials], sys.stdout)
     finally:
         store.close()
+    print(f"cds-service: {count} screening-log rows — they hold patient identifiers", file=sys.stderr)
     return 0
 
 
@@ -213,13 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     log = sub.add_parser("screening-log", help="export the screening log as CSV (holds patient identifiers)")
-    log.add_argument("--since", type=parse_at, default=None, help="only cards issued since this time")
-    log.add_argument("--trial", default=None, help="only this trial (NCT id)")
+    log.add_argument(
+        "--since",
+        type=parse_at,
+        default=None,
+        help="only cards issued since this time (ISO 8601 with offset)",
+    )
+    log.add_argument(
+        "--trial", action="append", metavar="NCT", help="only this trial (NCT id); repeat for several"
+    )
     add_config(log)
     log.set_defaults(func=cmd_screening_log)
     # Subcommands defined next to the code they drive (each module has `register(subparsers)`):
-    # -- register: scenarios --
-    # -- register: harness --
+    from .scenarios import register as register_scenarios
+
+    register_scenarios(sub)
+    from . import harness
+
+    harness.register(sub)
     return parser
 
 

@@ -38,14 +38,22 @@ DEFAULTS: dict[str, Any] = {
         "trials": [],
         # Minutes before the enrollment window closes at which an eligible card turns `warning`.
         "closing_soon_minutes": 120,
-        # Hours an overridden card stays silent for that patient and trial.
+        # Hours a card the clinician overrode or accepted (referred) stays silent for that patient and
+        # trial, unless the trial status rises from possibly eligible to eligible (docs/cards.md).
         "override_silence_hours": 24,
-        # Site protocol / screening app shown as a `smart` link on every card ("" = none).
+        # Site protocol / screening app linked from every card ("" = none). `{trial_id}` in the URL is
+        # replaced by the trial's NCT id. `smart` = a SMART app launch URL (no appContext is sent),
+        # `absolute` = a plain page (e.g. a protocol document).
         "site_link_url": "",
         "site_link_label": "Site screening protocol",
-        # Who receives the "Refer to the research team" request.
+        "site_link_type": "smart",
+        # Who receives the "Refer to the research team" request (reference: e.g. CareTeam/icu-research).
         "research_team_display": "ICU research team",
         "research_team_reference": "",
+        # FHIR resources the referral suggestion creates (docs/cards.md).
+        "referral_resources": ["ServiceRequest", "ResearchSubject"],
+        # Code system of the card's overrideReasons (codes: declined, not-appropriate, …).
+        "override_reason_system": "https://cds-service.example.org/override-reason",
     },
     "fhir": {
         # Base URLs the bearer token may be sent to; empty = any https server (and http if allowed).
@@ -100,10 +108,17 @@ SCHEMA: dict[str, Any] = {
             "trials": {"type": "list", "schema": {"type": "string", "regex": r"^NCT\d{8}$"}},
             "closing_soon_minutes": {"type": "integer", "min": 0},
             "override_silence_hours": {"type": "number", "min": 0},
-            "site_link_url": {"type": "string"},
+            "site_link_url": {"type": "string", "regex": r"^(https?://.+)?$"},
             "site_link_label": {"type": "string", "empty": False},
+            "site_link_type": {"type": "string", "allowed": ["smart", "absolute"]},
             "research_team_display": {"type": "string", "empty": False},
-            "research_team_reference": {"type": "string"},
+            "research_team_reference": {"type": "string", "regex": r"^([A-Za-z]+/[A-Za-z0-9\-.]{1,64})?$"},
+            "referral_resources": {
+                "type": "list",
+                "minlength": 1,
+                "schema": {"type": "string", "allowed": ["ServiceRequest", "ResearchSubject"]},
+            },
+            "override_reason_system": {"type": "string", "regex": r"^(https?|urn):.+"},
         },
     },
     "fhir": {

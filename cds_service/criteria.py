@@ -2,17 +2,30 @@
 
 A criterion's ``rule`` is one of these forms (the language knows nothing about any trial):
 
-``value``       {input, op, threshold, unit?, aggregate: latest|min|max|any|all, within?}
+``value``       {input, op, threshold, unit?, aggregate: latest|min|max|any|all, within?,
+                 if_missing?: unknown|not_met}
 ``persistent``  {input, op, threshold, unit?, count: 2, min_interval, within?,
                  trend?: non_decreasing|non_increasing}
-``sustained``   {input, op, threshold, unit?, for_more_than, max_gap, within?}
+``sustained``   {input, op, threshold, unit?, for_more_than, max_gap, within?, current?}
 ``established`` {input}                     — a derived input is present (e.g. septic_shock_onset)
 ``time_since``  {input, min?, max?}         — time since a derived time input (e.g. onset)
-``condition``   {value_sets: [...], if_absent: not_met|confirm|unknown}
+``condition``   {value_sets: [...], if_absent: not_met|confirm|unknown, if_present: met|confirm}
 ``all_of`` / ``any_of`` [rules] ; ``not`` rule
 A criterion may instead be a ``confirm`` item: text a clinician must confirm.
 
 Statuses: ``met``, ``not_met``, ``unknown`` (data missing: say what to measure) and ``confirm``.
+Combinators follow Kleene's three-valued logic; ``confirm`` ranks between ``unknown`` and ``met``
+(a clinician must look, but no data is missing).
+
+Clocks. A ``not_met`` result may carry ``due``: the time at which the rule will be met if nothing
+changes (a ``sustained`` run still going on but not yet long enough; a ``time_since`` minimum not
+reached yet). ``all_of`` is due when every failing part is (the latest of them), ``any_of`` when any
+failing part is (the earliest). Evaluation uses it for "upcoming" and for the window's closing time.
+
+``sustained`` semantics: the run is the longest stretch of consecutive values beyond the threshold
+(a gap longer than ``max_gap`` between two values breaks it; its duration is first to last value, so
+unobserved time is never counted). ``current: true`` asks for the run going on now instead: it ends
+at the latest value, which is at most ``max_gap`` old.
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ from .derived import (
 from .facts import ObservationFact, format_time
 
 MET, NOT_MET, UNKNOWN, CONFIRM = "met", "not_met", "unknown", "confirm"
+#: ObservationFact.code of computed step series (derived.py): a value holds until the next point.
+STEP_SERIES_PREFIX = "derived:"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|min|m|h|d)\s*$")
 _SECONDS = {"s": 1.0, "min": 60.0, "m": 60.0, "h": HOUR, "d": 24 * HOUR}
@@ -70,6 +85,8 @@ RULE_SCHEMAS: dict[str, dict[str, Any]] = {
     "value": {
         **_THRESHOLD,
         "aggregate": {"type": "string", "allowed": ["latest", "min", "max", "any", "all"]},
+        # An optional alternative measure: when never charted, `not_met` instead of asking for it.
+        "if_missing": {"type": "string", "allowed": [UNKNOWN, NOT_MET]},
     },
     "persistent": {
         **_THRESHOLD,
@@ -81,6 +98,7 @@ RULE_SCHEMAS: dict[str, dict[str, Any]] = {
         **_THRESHOLD,
         "for_more_than": {**_DURATION_FIELD, "required": True},
         "max_gap": {**_DURATION_FIELD, "required": True},
+        "current": {"type": "boolean"},
     },
     "established": {"input": {"type": "string", "required": True}},
     "time_since": {
@@ -91,6 +109,8 @@ RULE_SCHEMAS: dict[str, dict[str, Any]] = {
     "condition": {
         "value_sets": {"type": "list", "schema": {"type": "string"}, "required": True, "minlength": 1},
         "if_absent": {"type": "string", "allowed": [NOT_MET, CONFIRM, UNKNOWN]},
+        # A charted code that suggests but does not prove the criterion (severity not coded …).
+        "if_present": {"type": "string", "allowed": [MET, CONFIRM]},
         "absent_text": {"type": "string"},
     },
 }
@@ -104,6 +124,7 @@ class RuleResult:
     evidence: tuple[Evidence, ...] = ()
     missing: tuple[str, ...] = ()  # what to measure / chart when unknown
     summary: str = ""  # the decisive fact, short ("VIS 130", "ANC 0.4 × 10⁹/L")
+    due: float | None = None  # not met yet, but met at this time if nothing changes (a running clock)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -174,6 +195,8 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         )
     values = _series(inputs, spec)
     if not values:
+        if spec.get("if_missing") == NOT_MET:
+            return RuleResult(NOT_MET, (Evidence(f"no {_missing(inputs, spec)} charted"),))
         return RuleResult(UNKNOWN, (), (_missing(inputs, spec),))
     aggregate = spec.get("aggregate", "latest")
     if aggregate in ("any", "all"):
@@ -206,7 +229,17 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     )
 
 
+def _unknown_scalar(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult | None:
+    """A series input whose scalar says it cannot be known (VIS without a body weight): UNKNOWN."""
+    scalar = inputs.scalar(spec["input"])
+    if scalar is not None and scalar.status == "unknown" and spec["input"] in inputs.series:
+        return RuleResult(UNKNOWN, scalar.evidence, (scalar.missing or _label(inputs, spec["input"]),))
+    return None
+
+
 def _persistent(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
+    if (unknown := _unknown_scalar(inputs, spec)) is not None:
+        return unknown
     values = _series(inputs, spec)
     count = int(spec.get("count", 2))
     if len(values) < count:
@@ -230,16 +263,51 @@ def _persistent(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     return RuleResult(MET, evidence, (), _shown(inputs, spec["input"], run[-1].value))
 
 
+def held_until_now(values: list[ObservationFact], at: float) -> list[ObservationFact]:
+    """A computed step series (facts coded ``derived:…``, e.g. VIS from infusion records) changes
+    only at its points, so its last value holds until the evaluation time: add that point."""
+    if values and values[-1].code.startswith(STEP_SERIES_PREFIX) and values[-1].time < at:
+        return [*values, values[-1]._replace(time=at)]
+    return values
+
+
+def current_run(
+    values: list[ObservationFact], compare: Callable[[Any], bool], at: float, max_gap: float
+) -> tuple[ObservationFact, ObservationFact] | None:
+    """The run of values beyond the threshold that is still going on at ``at`` (first, last)."""
+    if not values or not compare(values[-1].value) or at - values[-1].time > max_gap:
+        return None
+    first = values[-1]
+    for fact in reversed(values[:-1]):
+        if not compare(fact.value) or first.time - fact.time > max_gap:
+            break
+        first = fact
+    return first, values[-1]
+
+
 def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
-    values = _series(inputs, spec)
+    if (unknown := _unknown_scalar(inputs, spec)) is not None:
+        return unknown
+    values = held_until_now(_series(inputs, spec), inputs.at)
     needed = parse_duration(spec["for_more_than"])
+    max_gap = parse_duration(spec["max_gap"])
+    compare = _comparator(spec)
+    scalar = inputs.scalar(spec["input"])
+    current_value = scalar.value if scalar is not None and scalar.status == "known" else None
+    if not values and scalar is not None and current_value is not None and not compare(current_value):
+        # No change in the look-back window (no infusion at all: VIS 0): the current value held throughout.
+        return RuleResult(NOT_MET, scalar.evidence, (), _shown(inputs, spec["input"], current_value))
     if len(values) < 2:
         return RuleResult(
             UNKNOWN,
             tuple(_fact_evidence(inputs, f) for f in values),
             (f"repeated {_missing(inputs, spec)} (over more than {spec['for_more_than']})",),
         )
-    found = sustained_run(values, _comparator(spec), inputs.at, parse_duration(spec["max_gap"]))
+    ongoing = current_run(values, compare, inputs.at, max_gap)
+    if spec.get("current"):
+        found = (ongoing[1].time - ongoing[0].time, ongoing) if ongoing is not None else None
+    else:
+        found = sustained_run(values, compare, inputs.at, max_gap)
     if found is None:
         return RuleResult(NOT_MET, (_fact_evidence(inputs, values[-1], "latest "),))
     duration, (first, last) = found
@@ -248,13 +316,19 @@ def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         _fact_evidence(inputs, last, "to "),
         Evidence(f"{duration / HOUR:.1f} h {spec['op']} {spec['threshold']}"),
     )
-    status = MET if duration > needed else NOT_MET
-    return RuleResult(
-        status,
-        evidence,
-        (),
-        f"{_label(inputs, spec['input'])} {spec['op']} {spec['threshold']} for {duration / HOUR:.1f} h",
-    )
+    summary = f"{_label(inputs, spec['input'])} {spec['op']} {spec['threshold']} for {duration / HOUR:.1f} h"
+    if duration > needed:
+        return RuleResult(MET, evidence, (), summary)
+    due = None
+    if ongoing is not None:
+        # Still going on: met once it has lasted long enough (or at the next value, if that is later).
+        due = max(ongoing[0].time + needed, inputs.at)
+        ongoing_hours = (ongoing[1].time - ongoing[0].time) / HOUR
+        evidence = (
+            _fact_evidence(inputs, ongoing[0], "since "),
+            Evidence(f"{ongoing_hours:.1f} h {spec['op']} {spec['threshold']} so far, going on"),
+        )
+    return RuleResult(NOT_MET, evidence, (), summary, due)
 
 
 def _established(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
@@ -278,21 +352,17 @@ def _time_since(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
             derived.evidence if derived else (),
             ((derived.missing if derived else "") or _label(inputs, spec["input"]),),
         )
-    elapsed = inputs.at - float(derived.value)
-    ok = True
-    if spec.get("min") is not None:
-        ok = ok and elapsed >= parse_duration(spec["min"])
-    if spec.get("max") is not None:
-        ok = ok and elapsed <= parse_duration(spec["max"])
+    since = float(derived.value)
+    elapsed = inputs.at - since
+    low = parse_duration(spec["min"]) if spec.get("min") is not None else None
+    high = parse_duration(spec["max"]) if spec.get("max") is not None else None
+    ok = (low is None or elapsed >= low) and (high is None or elapsed <= high)
     evidence = (
-        Evidence(
-            f"{_label(inputs, spec['input'])} since {format_time(float(derived.value))}, "
-            f"{elapsed / HOUR:.1f} h ago"
-        ),
+        Evidence(f"{_label(inputs, spec['input'])} since {format_time(since)}, {elapsed / HOUR:.1f} h ago"),
     )
-    return RuleResult(
-        MET if ok else NOT_MET, evidence, (), f"{_label(inputs, spec['input'])} {elapsed / HOUR:.1f} h ago"
-    )
+    summary = f"{_label(inputs, spec['input'])} {elapsed / HOUR:.1f} h ago"
+    due = since + low if low is not None and elapsed < low and (high is None or low <= high) else None
+    return RuleResult(MET if ok else NOT_MET, evidence, (), summary, due)
 
 
 def _condition(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
@@ -308,7 +378,7 @@ def _condition(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
             Evidence(f"{name.replace('_', ' ')} charted ({c.code})", c.onset, (c.resource,))
             for name, c in found[:3]
         )
-        return RuleResult(MET, evidence, (), found[0][0].replace("_", " "))
+        return RuleResult(spec.get("if_present", MET), evidence, (), found[0][0].replace("_", " "))
     absent = spec.get("if_absent", CONFIRM)
     names = ", ".join(n.replace("_", " ") for n in spec["value_sets"])
     text = spec.get("absent_text") or f"none of: {names} (no matching Condition charted)"
@@ -317,33 +387,43 @@ def _condition(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     return RuleResult(absent, (Evidence(f"no Condition charted for {names}"),))
 
 
+def _evidence_of(results: list[RuleResult]) -> tuple[Evidence, ...]:
+    """The evidence of several results, each item once (two age checks cite the same birth date)."""
+    return tuple(dict.fromkeys(e for r in results for e in r.evidence))
+
+
 def combine_all(results: list[RuleResult]) -> RuleResult:
-    """Kleene AND: any not_met → not_met; all met → met; unknown before confirm."""
+    """Kleene AND: any not_met → not_met; all met → met; unknown before confirm.
+
+    A not_met AND is due (will be met) when every failing part is due: at the latest of them."""
     statuses = [r.status for r in results]
     if NOT_MET in statuses:
         failing = [r for r in results if r.status == NOT_MET]
-        return RuleResult(NOT_MET, tuple(e for r in failing for e in r.evidence), (), failing[0].summary)
+        dues = [r.due for r in failing if r.due is not None]
+        due = max(dues) if len(dues) == len(failing) else None
+        return RuleResult(NOT_MET, _evidence_of(failing), (), failing[0].summary, due)
     status = MET if all(s == MET for s in statuses) else (UNKNOWN if UNKNOWN in statuses else CONFIRM)
     return RuleResult(
         status,
-        tuple(e for r in results for e in r.evidence),
+        _evidence_of(results),
         tuple(m for r in results for m in r.missing),
         "; ".join(r.summary for r in results if r.summary and r.status == MET),
     )
 
 
 def combine_any(results: list[RuleResult]) -> RuleResult:
-    """Kleene OR: any met → met; all not_met → not_met; unknown before confirm."""
+    """Kleene OR: any met → met; all not_met → not_met; unknown before confirm.
+
+    A not_met OR is due when any part is due: at the earliest of them."""
     met = [r for r in results if r.status == MET]
     if met:
-        return RuleResult(MET, tuple(e for r in met for e in r.evidence), (), met[0].summary)
+        return RuleResult(MET, _evidence_of(met), (), met[0].summary)
     statuses = [r.status for r in results]
     if all(s == NOT_MET for s in statuses):
-        return RuleResult(NOT_MET, tuple(e for r in results for e in r.evidence))
+        dues = [r.due for r in results if r.due is not None]
+        return RuleResult(NOT_MET, _evidence_of(results), (), "", min(dues, default=None))
     status = UNKNOWN if UNKNOWN in statuses else CONFIRM
-    return RuleResult(
-        status, tuple(e for r in results for e in r.evidence), tuple(m for r in results for m in r.missing)
-    )
+    return RuleResult(status, _evidence_of(results), tuple(m for r in results for m in r.missing))
 
 
 def evaluate_rule(inputs: ClinicalInputs, rule: dict[str, Any]) -> RuleResult:
@@ -355,7 +435,7 @@ def evaluate_rule(inputs: ClinicalInputs, rule: dict[str, Any]) -> RuleResult:
     if kind == "not":
         inner = evaluate_rule(inputs, spec)
         flipped = {MET: NOT_MET, NOT_MET: MET}.get(inner.status, inner.status)
-        return RuleResult(flipped, inner.evidence, inner.missing, inner.summary)
+        return RuleResult(flipped, inner.evidence, inner.missing, inner.summary)  # no clock: `due` dropped
     return _HANDLERS[kind](inputs, spec)
 
 
@@ -386,3 +466,63 @@ def rule_value_sets(rule: dict[str, Any]) -> set[str]:
     if kind == "not":
         return rule_value_sets(spec)
     return set(spec.get("value_sets", ()))
+
+
+def rule_can_confirm(rule: dict[str, Any]) -> bool:
+    """True when the rule may hand the decision to a clinician (a condition with a confirm option)."""
+    ((kind, spec),) = rule.items()
+    if kind in ("all_of", "any_of"):
+        return any(rule_can_confirm(r) for r in spec)
+    if kind == "not":
+        return rule_can_confirm(spec)
+    return kind == "condition" and CONFIRM in (spec.get("if_absent", CONFIRM), spec.get("if_present", MET))
+
+
+_OP_TEXT = {"<=": "≤", ">=": "≥", "==": "=", "!=": "≠"}
+_AGGREGATE_TEXT = {"latest": "latest", "min": "lowest", "max": "highest", "any": "any", "all": "every"}
+
+
+def describe_rule(rule: dict[str, Any], labels: dict[str, str] | None = None) -> str:
+    """A rule in words, for the generated documentation ("latest ANC <= 1.0 within 24h")."""
+    labels = labels or {}
+    ((kind, spec),) = rule.items()
+    if kind in ("all_of", "any_of"):
+        joiner = " and " if kind == "all_of" else " or "
+        return "(" + joiner.join(describe_rule(r, labels) for r in spec) + ")"
+    if kind == "not":
+        return f"not {describe_rule(spec, labels)}"
+    name = labels.get(spec.get("input", ""), spec.get("input", "").replace("_", " "))
+    unit = f" {spec['unit']}" if spec.get("unit") else ""
+    within = f" within {spec['within']}" if spec.get("within") is not None else ""
+    compared = f"{_OP_TEXT.get(spec.get('op', ''), spec.get('op'))} {spec.get('threshold')}{unit}"
+    if kind == "value":
+        aggregate = f"{_AGGREGATE_TEXT[spec['aggregate']]} " if spec.get("aggregate") else ""
+        optional = " (if charted)" if spec.get("if_missing") == NOT_MET else ""
+        return f"{aggregate}{name} {compared}{within}{optional}"
+    if kind == "persistent":
+        trend = f", trend {spec['trend'].replace('_', '-')}" if spec.get("trend") else ""
+        return (
+            f"{spec.get('count', 2)} consecutive {name} {compared} at least {spec['min_interval']} apart"
+            f"{within}{trend}"
+        )
+    if kind == "sustained":
+        now = ", still going on" if spec.get("current") else ""
+        return f"{name} {compared} for more than {spec['for_more_than']} (gaps ≤ {spec['max_gap']}){now}"
+    if kind == "established":
+        return f"{name} established"
+    if kind == "time_since":
+        parts = [
+            f"≥ {spec['min']}" if spec.get("min") is not None else "",
+            f"≤ {spec['max']}" if spec.get("max") is not None else "",
+        ]
+        return f"time since {name} " + " and ".join(p for p in parts if p)
+    if kind == "condition":
+        present = " (charted: clinician confirms)" if spec.get("if_present") == CONFIRM else ""
+        absent = {
+            NOT_MET: "",
+            CONFIRM: "; none charted: clinician confirms",
+            UNKNOWN: "; none charted: unknown",
+        }[spec.get("if_absent", CONFIRM)]
+        sets = ", ".join(v.replace("_", " ") for v in spec["value_sets"])
+        return f"Condition charted: {sets}{present}{absent}"
+    return kind

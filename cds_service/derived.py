@@ -2,25 +2,33 @@
 
 Each returns its value together with the evidence behind it, and says "unknown" — never zero or
 "no" — when the data needed is missing. Parameters (thresholds, windows) come from
-``mappings/derived.yaml``; the formulas live here.
+``mappings/derived.yaml``; the formulas live here. docs/knowledge.md explains them for clinicians.
 
-Conventions, also stated in the README:
+Conventions:
 
 - **VIS** (Gaies 2010) is a step function: it changes only when an infusion starts, stops or changes
-  rate. When two records of the same drug overlap, the most recently started one gives the rate
-  (a rate change is charted as a new record; adding both would double-count). An infusion with no
-  end runs until the evaluation time. A record charted as a single time (no period) with a rate
-  and status ``in-progress`` runs until the next record of that drug; a completed single-time
-  record is a bolus and does not enter the score. Doses in µg/min, mg/h, U/min … are converted with
-  the latest body weight; when a conversion needs a weight and there is none, VIS is unknown.
+  rate. At any moment a drug's rate is that of the most recently started record still running
+  then: a titration charted as a new record replaces the old rate (adding both would double-count),
+  and when a short later record ends, an earlier one still running gives the rate again. A period
+  with no end runs until the evaluation time unless its status says it finished (completed /
+  stopped / on-hold: then it ran until the drug's next record, or adds nothing). A record charted
+  at a single time with a rate and status ``in-progress`` runs until the drug's next record; any
+  other single-time record is a bolus and does not enter the score. Doses in µg/min, mg/h, U/min …
+  are converted with the latest body weight; when any dose in the window cannot be computed (no
+  weight, no rate, unknown unit) the VIS is unknown, never a partial sum.
 - **Septic-shock onset** (clinical-knowledge.md §2): the start of the first vasopressor episode with
-  an infection diagnosis and a lactate > 2 mmol/L from 6 h before to 6 h after its start. When the
+  a lactate > 2 mmol/L from 6 h before to 6 h after its start and an infection diagnosis dated
+  within 48 h of it (see ``septic_shock_onset`` for the late-lactate rule and the statuses). When the
   computed onset and a charted septic-shock Condition onset disagree, the computed one is used (it
   is timed by the infusion record) and the charted one is shown beside it; a charted onset alone is
   used when no vasopressor episode qualifies.
-- **Sustained** (below a threshold for more than N hours): the run starts at the first value beyond
-  the threshold and lasts until the last consecutive value beyond it; a gap between two consecutive
-  measurements longer than ``max_gap`` breaks the run (we cannot vouch for unobserved hours).
+- **Persistent**: ``count`` consecutive values beyond the threshold, each at least ``min_interval``
+  after the previous counted one (values in between that are also beyond it are passed over; one
+  value not beyond it breaks the run).
+- **Sustained** (beyond a threshold for more than N hours): the run starts at the first value beyond
+  the threshold and lasts until the last consecutive value beyond it — the time after the last
+  value is not counted; a gap between two consecutive measurements longer than ``max_gap`` breaks
+  the run (we cannot vouch for unobserved hours).
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ DERIVED_SCHEMA: dict[str, Any] = {
             "lactate_hours_before": {"type": "number", "min": 0, "required": True},
             "lactate_hours_after": {"type": "number", "min": 0, "required": True},
             "episode_gap_hours": {"type": "number", "min": 0, "required": True},
+            # An infection diagnosis counts when dated this close to the onset (an undated one counts).
+            "infection_hours_before": {"type": "number", "min": 0, "default": 48},
+            "infection_hours_after": {"type": "number", "min": 0, "default": 48},
         },
     },
     "map_derivation": {"type": "dict", "schema": {"source": {"type": "string"}}},
@@ -140,17 +151,48 @@ def body_weight(facts: PatientFacts, at: float) -> Derived:
 class _Segment(NamedTuple):
     drug: str
     start: float
-    end: float
+    end: float | None  # None: still running at the evaluation time
     rate: float | None
     rate_unit: str
     resource: str
     matched_by: str
 
 
+_RUNNING = float("inf")
+#: A record with a period start and no end is running unless its status says it has finished.
+_FINISHED = frozenset({"completed", "stopped", "on-hold"})
+
+
+def _record_end(record: AdministrationFact, next_start: float | None, at: float) -> float | None:
+    """When the drug stopped running according to this record (``_RUNNING``: still running at ``at``);
+    None when the record gives no running time at all."""
+    if record.bolus:
+        return None
+    end = record.end
+    if end is None or end == record.start:
+        single_time = end is not None
+        running = record.status == "in-progress" if single_time else record.status not in _FINISHED
+        if running:
+            # A rate charted at one moment holds until the drug's next record; an open period runs on.
+            return next_start if single_time and next_start is not None else _RUNNING
+        # Finished with no end time: it ran at most until the drug's next record; with none, we
+        # cannot say for how long, so it adds nothing (a completed single-time record is a bolus).
+        return next_start if not single_time and next_start is not None else None
+    if end < record.start:
+        return None  # malformed period
+    return _RUNNING if end > at else end
+
+
 def _infusion_segments(
     administrations: Sequence[AdministrationFact], drugs: set[str], at: float
 ) -> list[_Segment]:
-    """Turn administration records into non-overlapping per-drug rate segments up to ``at``."""
+    """Turn administration records into non-overlapping per-drug rate segments up to ``at``.
+
+    At any moment, a drug's rate is that of the most recently started record still running then
+    (ties: the one running longer, then the later record): a titration charted as a new record
+    replaces the old rate without double counting, and when a short later record ends, an earlier
+    record still running gives the rate again.
+    """
     by_drug: dict[str, list[AdministrationFact]] = {}
     for record in administrations:
         if record.drug in drugs and record.start <= at:
@@ -158,53 +200,49 @@ def _infusion_segments(
     segments: list[_Segment] = []
     for drug, records in by_drug.items():
         records.sort(key=lambda r: r.start)
+        spans: list[tuple[float, float, int, AdministrationFact]] = []
         for index, record in enumerate(records):
-            later_start = records[index + 1].start if index + 1 < len(records) else None
-            if record.end is None:
-                end = at  # a period with no end: still running
-            elif record.end == record.start:
-                # Charted at a single time: a running infusion's rate until the drug's next record,
-                # or a bolus (completed) that does not enter the score.
-                end = (
-                    (later_start if later_start is not None else at)
-                    if record.status == "in-progress"
-                    else record.start
-                )
-            else:
-                end = min(record.end, at)
-            if later_start is not None and later_start < end:
-                end = later_start  # the later record gives the rate from its start on
-            if end > record.start:
-                segments.append(
-                    _Segment(
-                        drug,
-                        record.start,
-                        end,
-                        record.rate,
-                        record.rate_unit,
-                        record.resource,
-                        record.matched_by,
-                    )
-                )
+            next_start = next((r.start for r in records[index + 1 :] if r.start > record.start), None)
+            end = _record_end(record, next_start, at)
+            if end is not None and end > record.start:
+                spans.append((record.start, end, index, record))
+        boundaries = sorted({span[0] for span in spans} | {span[1] for span in spans if span[1] != _RUNNING})
+        drug_segments: list[_Segment] = []
+        for position, time in enumerate(boundaries):
+            active = [span for span in spans if span[0] <= time < span[1]]
+            if not active:
+                continue
+            winner = max(active, key=lambda span: (span[0], span[1], span[2]))[3]
+            until = boundaries[position + 1] if position + 1 < len(boundaries) else None
+            previous = drug_segments[-1] if drug_segments else None
+            if previous is not None and previous.resource == winner.resource and previous.end == time:
+                drug_segments[-1] = previous._replace(end=until)
+                continue
+            drug_segments.append(
+                _Segment(drug, time, until, winner.rate, winner.rate_unit, winner.resource, winner.matched_by)
+            )
+        segments.extend(drug_segments)
     return segments
 
 
 def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[list[ObservationFact], Derived]:
-    """VIS as a step series (one point per change) and a summary Derived for the current value."""
+    """VIS as a step series (one point per change) and a summary Derived for the current value.
+
+    When any dose in the look-back window cannot be computed (no rate, an unconvertible unit, or a
+    per-minute rate with no body weight), the VIS is unknown and the series empty: a partial series
+    would let a criterion read a gap as "no infusion".
+    """
     vis_drugs = {name: drug for name, drug in knowledge.drugs.items() if drug.vis_coefficient is not None}
     segments = _infusion_segments(facts.administrations, set(vis_drugs), at)
     if not segments:
-        summary = Derived(
-            0.0, "known", (Evidence("no vasoactive infusion recorded in the look-back window"),)
-        )
+        summary = Derived(0.0, "known", (Evidence("no vasoactive infusion running in the look-back window"),))
         return [], summary
     weight = body_weight(facts, at)
-    change_times = sorted({s.start for s in segments} | {s.end for s in segments})
+    change_times = sorted({s.start for s in segments} | {s.end for s in segments if s.end is not None})
     points: list[ObservationFact] = []
-    problem: str = ""
     used_weight = False
     for time in change_times:
-        active = [s for s in segments if s.start <= time < s.end]
+        active = [s for s in segments if s.start <= time and (s.end is None or time < s.end)]
         total = 0.0
         parts: list[str] = []
         resources: list[str] = []
@@ -213,29 +251,26 @@ def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[li
             dose, why, per_kg = _dose(segment, drug.dose_unit, knowledge, weight)
             used_weight = used_weight or per_kg
             if dose is None:
-                problem = problem or why
-                total = float("nan")
-                break
+                rate = f"{segment.rate:g} {segment.rate_unit}" if segment.rate is not None else "no rate"
+                evidence = (Evidence(f"{segment.drug} infusion, {rate}", segment.start, (segment.resource,)),)
+                return [], Derived(None, "unknown", evidence, why)
             total += drug.vis_coefficient * dose  # type: ignore[operator]
             text_note = " (matched by medication text)" if segment.matched_by == "text" else ""
             parts.append(f"{segment.drug} {dose:.3g} {drug.dose_unit}{text_note}")
             resources.append(segment.resource)
-        if total != total:  # NaN: a dose could not be converted
-            return points, Derived(None, "unknown", (), problem)
         note = " + ".join(parts) if parts else "no vasoactive infusion running"
         points.append(ObservationFact("vis", time, total, "", ",".join(resources), "derived:vis", note))
-    current = latest(points, at)
-    value = current.value if current is not None else 0.0
+    current = points[-1]  # every change time is at or before `at`
     evidence = [
         Evidence(
-            f"VIS {value:.0f} = {current.note}" if current else "VIS 0",
-            current.time if current else None,
-            tuple(current.resource.split(",")) if current and current.resource else (),
+            f"VIS {current.value:.0f} = {current.note}",
+            current.time,
+            tuple(current.resource.split(",")) if current.resource else (),
         )
     ]
     if used_weight:
         evidence.extend(weight.evidence)
-    return points, Derived(value, "known", tuple(evidence))
+    return points, Derived(current.value, "known", tuple(evidence))
 
 
 def _dose(
@@ -261,26 +296,77 @@ def _dose(
 
 # -- septic-shock onset ---------------------------------------------------------------------------
 
+_ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse", ""})
+
+
+def _started(record: AdministrationFact) -> Evidence:
+    how = " (matched by medication text)" if record.matched_by == "text" else ""
+    return Evidence(f"{record.drug} started{how}", record.start, (record.resource,))
+
+
+def _condition_time(condition: ConditionFact) -> float | None:
+    return condition.onset if condition.onset is not None else condition.recorded
+
+
+class _Episode(NamedTuple):
+    first: AdministrationFact  # the record that started the episode
+    end: float  # when the last vasopressor of the episode stopped (``at`` while one is running)
+
+
+def _vasopressor_episodes(facts: PatientFacts, knowledge: Knowledge, gap: float, at: float) -> list[_Episode]:
+    """Vasopressor infusions grouped into episodes; a pause longer than ``gap`` starts a new one.
+    Boluses are left out: a push dose is no vasopressor requirement."""
+    records = sorted(
+        (
+            a
+            for a in facts.administrations
+            if a.start <= at and not a.bolus and knowledge.drugs[a.drug].vasopressor
+        ),
+        key=lambda a: a.start,
+    )
+    episodes: list[_Episode] = []
+    for record in records:
+        if record.end is not None:
+            end = min(max(record.end, record.start), at)
+        else:
+            end = record.start if record.status in _FINISHED else at
+        if episodes and record.start - episodes[-1].end <= gap:
+            episodes[-1] = episodes[-1]._replace(end=max(episodes[-1].end, end))
+        else:
+            episodes.append(_Episode(record, end))
+    return episodes
+
 
 def septic_shock_onset(
     facts: PatientFacts, knowledge: Knowledge, params: dict[str, Any], at: float
 ) -> Derived:
-    """Sepsis-3 onset per clinical-knowledge.md §2, with the resources that show it."""
-    vasopressors = sorted(
-        (
-            a
-            for a in facts.administrations
-            if a.start <= at and knowledge.drugs[a.drug].vasopressor and a.status not in {"not-done"}
-        ),
-        key=lambda a: a.start,
-    )
-    charted = [
+    """Sepsis-3 septic-shock onset per clinical-knowledge.md §2, with the resources that show it.
+
+    Onset = the start of the first vasopressor episode with a lactate > 2 mmol/L around it (from
+    ``lactate_hours_before`` to ``lactate_hours_after``) and an active infection diagnosis dated
+    within ``infection_hours_before`` / ``infection_hours_after`` of it (an undated one counts).
+    When the lactate first exceeds the threshold later in the episode, while vasopressors still run,
+    both Sepsis-3 conditions hold from that lactate on: it is the onset.
+    Conflict with a charted septic-shock Condition: the computed onset wins (it is timed by the
+    infusion record; a Condition's onset is often the time of charting) and the charted one is
+    shown beside it; the charted onset is used alone when no episode qualifies.
+    Status "unknown" with a value: the onset time is known but septic shock is not established
+    (no lactate yet, or no infection diagnosis) — the time windows can still be computed.
+    """
+    threshold = float(params["lactate_threshold"])
+    lactate_before = float(params["lactate_hours_before"]) * HOUR
+    lactate_after = float(params["lactate_hours_after"]) * HOUR
+    infection_before = float(params.get("infection_hours_before", 48)) * HOUR
+    infection_after = float(params.get("infection_hours_after", 48)) * HOUR
+    infection_sets, charted_sets = set(params["infection_value_sets"]), set(params["charted_value_sets"])
+
+    active = [
         c
         for c in facts.conditions
-        if c.value_sets & set(params["charted_value_sets"])
-        and c.clinical_status in {"active", "recurrence", "relapse", ""}
+        if c.clinical_status in _ACTIVE_CLINICAL and ((t := _condition_time(c)) is None or t <= at)
     ]
-    charted_onset = min((c.onset for c in charted if c.onset is not None and c.onset <= at), default=None)
+    charted = [c for c in active if c.value_sets & charted_sets]
+    charted_onset = min((c.onset for c in charted if c.onset is not None), default=None)
     charted_evidence = tuple(
         Evidence(
             f"septic shock charted (onset {format_time(c.onset)})" if c.onset else "septic shock charted",
@@ -289,83 +375,112 @@ def septic_shock_onset(
         )
         for c in charted
     )
-    infection = [
-        c
-        for c in facts.conditions
-        if c.value_sets & set(params["infection_value_sets"])
-        and c.clinical_status in {"active", "recurrence", "relapse", ""}
-        and (c.onset is None or c.onset <= at)
-    ]
-    lactates = [f for f in facts.series("lactate") if f.time <= at]
-    threshold = float(params["lactate_threshold"])
-    before, after = float(params["lactate_hours_before"]) * HOUR, float(params["lactate_hours_after"]) * HOUR
+    infection = [c for c in active if c.value_sets & infection_sets]
+    lactates = [f for f in facts.series("lactate") if f.time <= at and isinstance(f.value, int | float)]
+    episodes = _vasopressor_episodes(facts, knowledge, float(params["episode_gap_hours"]) * HOUR, at)
 
-    episode_starts: list[AdministrationFact] = []
-    last_end: float | None = None
-    for record in vasopressors:
-        if last_end is None or record.start - last_end > float(params["episode_gap_hours"]) * HOUR:
-            episode_starts.append(record)
-        end = record.end if record.end is not None else at
-        last_end = end if last_end is None else max(last_end, end)
-
-    missing_lactate = False
-    lactate_normal = False
-    for start in episode_starts:
-        around = [f for f in lactates if start.start - before <= f.time <= start.start + after]
+    no_infection: tuple[float, tuple[Evidence, ...]] | None = None
+    missing_lactate: _Episode | None = None
+    lactate_normal: list[Evidence] = []
+    for episode in episodes:
+        start = episode.first.start
+        seen = [
+            f for f in lactates if start - lactate_before <= f.time <= max(episode.end, start + lactate_after)
+        ]
+        around = [f for f in seen if f.time <= start + lactate_after]
         high = [f for f in around if float(f.value) > threshold]
-        vaso = Evidence(f"{start.drug} started", start.start, (start.resource,))
-        if not around:
-            missing_lactate = True
-            continue
-        if not high:
-            lactate_normal = True
-            continue
-        peak = max(high, key=lambda f: float(f.value))
-        lactate_ev = Evidence(f"lactate {float(peak.value):.1f} mmol/L", peak.time, (peak.resource,))
-        if infection:
-            infection_ev = Evidence(
-                "infection diagnosis charted", None, tuple(c.resource for c in infection[:3])
+        if high:
+            onset = start
+            peak = max(high, key=lambda f: float(f.value))
+            # 3 significant digits: a 2.04 must not be shown as "2.0" as evidence for "> 2".
+            lactate_ev = Evidence(f"lactate {float(peak.value):.3g} mmol/L", peak.time, (peak.resource,))
+        else:
+            late = next(
+                (f for f in seen if f.time > start + lactate_after and float(f.value) > threshold), None
             )
-            evidence = (vaso, lactate_ev, infection_ev, *charted_evidence)
-            return Derived(start.start, "known", evidence)
-        # Vasopressor + high lactate but no infection diagnosis charted: the onset time is usable,
-        # septic shock itself needs the clinician (or a charted diagnosis).
+            if late is None:
+                if seen:
+                    lactate_normal.append(_started(episode.first))
+                elif missing_lactate is None:
+                    missing_lactate = episode
+                continue
+            onset = late.time
+            lactate_ev = Evidence(
+                f"lactate {float(late.value):.3g} mmol/L while on vasopressors (first value > {threshold:g})",
+                late.time,
+                (late.resource,),
+            )
+        dated = [
+            c
+            for c in infection
+            if (t := _condition_time(c)) is None or onset - infection_before <= t <= onset + infection_after
+        ]
+        if not dated:
+            if no_infection is None:
+                others = tuple(
+                    Evidence(
+                        f"infection diagnosis dated more than {infection_before / HOUR:g} h before / "
+                        f"{infection_after / HOUR:g} h after the onset",
+                        _condition_time(c),
+                        (c.resource,),
+                    )
+                    for c in infection[:3]
+                )
+                no_infection = (onset, (_started(episode.first), lactate_ev, *others))
+            continue
+        infection_ev = Evidence("infection diagnosis charted", None, tuple(c.resource for c in dated[:3]))
+        evidence = [_started(episode.first), lactate_ev, infection_ev, *charted_evidence]
+        if charted_onset is not None and abs(charted_onset - onset) > HOUR:
+            evidence.append(
+                Evidence(
+                    f"charted onset {format_time(charted_onset)} differs by "
+                    f"{abs(charted_onset - onset) / HOUR:.1f} h: the computed onset (from the infusion "
+                    "record) is used"
+                )
+            )
+        return Derived(onset, "known", tuple(evidence))
+
+    if charted_onset is not None:
+        evidence = [
+            Evidence(
+                "onset taken from the charted septic-shock diagnosis (no qualifying vasopressor episode)",
+                charted_onset,
+                tuple(c.resource for c in charted),
+            )
+        ]
+        if lactate_normal:
+            evidence.append(Evidence(f"but lactate ≤ {threshold:g} mmol/L around the vasopressor start"))
+        return Derived(charted_onset, "known", tuple(evidence))
+    if no_infection is not None:
+        # Vasopressor + high lactate but no infection diagnosis charted around it: the onset time is
+        # usable, septic shock itself needs the clinician (or a charted diagnosis).
         return Derived(
-            start.start,
+            no_infection[0],
             "unknown",
-            (vaso, lactate_ev),
+            no_infection[1],
             "an infection diagnosis (sepsis / septic shock Condition) or clinician confirmation",
         )
-    if charted_onset is not None:
+    if missing_lactate is not None:
         return Derived(
-            charted_onset,
-            "known",
-            (
-                Evidence(
-                    "onset taken from the charted septic-shock diagnosis (no qualifying vasopressor episode)",
-                    charted_onset,
-                    tuple(c.resource for c in charted),
-                ),
-            ),
-        )
-    if missing_lactate:
-        return Derived(
-            None,
+            missing_lactate.first.start,
             "unknown",
-            tuple(Evidence(f"{s.drug} started", s.start, (s.resource,)) for s in episode_starts[:1]),
+            (_started(missing_lactate.first),),
             "a lactate around the vasopressor start (LOINC 2524-7 or 32693-4)",
         )
-    if not vasopressors:
-        if charted:
-            return Derived(
-                None, "unknown", charted_evidence, "the septic-shock onset time (vasopressor start)"
-            )
-        return Derived(None, "absent", (Evidence("no vasopressor administration in the look-back window"),))
-    if lactate_normal:
-        return Derived(
-            None, "absent", (Evidence(f"lactate ≤ {threshold:g} mmol/L around every vasopressor start"),)
-        )
-    return Derived(None, "absent", (Evidence("no septic shock by Sepsis-3 criteria"),))
+    if charted:
+        return Derived(None, "unknown", charted_evidence, "the septic-shock onset time (vasopressor start)")
+    if not episodes:
+        return Derived(None, "absent", (Evidence("no vasopressor infusion in the look-back window"),))
+    return Derived(
+        None,
+        "absent",
+        (
+            Evidence(
+                f"lactate ≤ {threshold:g} mmol/L around every vasopressor start and while on vasopressors"
+            ),
+            *lactate_normal,
+        ),
+    )
 
 
 # -- series rules used by the criteria language ---------------------------------------------------

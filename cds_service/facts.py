@@ -32,6 +32,7 @@ class AdministrationFact(NamedTuple):
     code: str
     matched_by: str  # "code" | "text"
     status: str
+    bolus: bool = False  # a dose given at one moment with no rate: not an infusion
 
 
 class ConditionFact(NamedTuple):
@@ -70,19 +71,25 @@ class PatientFacts:
 
 
 def parse_time(text: str | None) -> float | None:
-    """FHIR dateTime/instant → epoch seconds. Dates and partial dates count from their start (UTC)."""
+    """FHIR dateTime/instant → epoch seconds (None when it cannot be placed in time).
+
+    Any offset is honoured (``+02:00``, ``-05:00``, ``Z``). Dates and partial dates count from their
+    start, read as UTC. A time of day without an offset is invalid FHIR and could be hours off in
+    either direction, so it is not guessed: the caller treats the resource as malformed.
+    """
     if not text or not isinstance(text, str):
         return None
     try:
         if len(text) == 4:
             moment = datetime(int(text), 1, 1, tzinfo=UTC)
-        elif len(text) == 7:
+        elif len(text) == 7 and text[4] == "-":
             moment = datetime(int(text[:4]), int(text[5:7]), 1, tzinfo=UTC)
+        elif len(text) == 10:
+            moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
         else:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
-                # FHIR requires an offset when a time is given; a bare date has none: read as UTC.
-                moment = moment.replace(tzinfo=UTC)
+                return None
     except ValueError:
         return None
     return moment.timestamp()

@@ -171,7 +171,14 @@ class FhirClient:
     gets a fresh session and pool on first use.
     """
 
-    def __init__(self, fhir: dict[str, Any], session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        fhir: dict[str, Any],
+        session: requests.Session | None = None,
+        on_query: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
+        #: Called after every HTTP request with (resource type, seconds, ok) — e.g. ``Metrics.fhir_query``.
+        self.on_query = on_query
         self.allowed_servers: list[str] = [str(url).rstrip("/") for url in fhir.get("allowed_servers") or []]
         self.allow_http: bool = bool(fhir.get("allow_http", False))
         self.deadline_seconds: float = float(fhir.get("deadline_seconds", 3.0))
@@ -411,6 +418,25 @@ class FhirClient:
         return resources
 
     def _get_json(
+        self, url: str, base_url: str, token: str | None, deadline: float, label: str
+    ) -> dict[str, Any]:
+        """:meth:`_fetch_json`, reported to ``on_query`` (resource type, seconds, ok) when set."""
+        if self.on_query is None:
+            return self._fetch_json(url, base_url, token, deadline, label)
+        started = time.monotonic()
+        ok = False
+        try:
+            document = self._fetch_json(url, base_url, token, deadline, label)
+            ok = True
+            return document
+        finally:
+            kind = label.split(" ", 1)[0]
+            try:
+                self.on_query(kind if _RESOURCE_TYPE.match(kind) else "FHIR", time.monotonic() - started, ok)
+            except Exception as error:  # metrics must never break a fetch
+                logger.warning("FHIR query callback failed (%s)", type(error).__name__)
+
+    def _fetch_json(
         self, url: str, base_url: str, token: str | None, deadline: float, label: str
     ) -> dict[str, Any]:
         """GET one URL inside ``base_url`` and decode its JSON object, all within the deadline."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .datafiles import DataFileError, DataFileProblem, LoadedFile, load_and_validate
+from .datafiles import DataFileError, DataFileProblem, LoadedFile, load_and_validate, load_yaml
 
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -93,7 +93,27 @@ OBSERVATIONS_SCHEMA: dict[str, Any] = {
     },
 }
 
-LOCAL_SCHEMA: dict[str, Any] = {"inputs": OBSERVATIONS_SCHEMA["inputs"]}
+# local.yaml: an input that already exists in observations.yaml only needs its extra `codes` (the
+# description and canonical unit come from there); a new input needs everything (checked on load).
+_LOCAL_INPUT = {
+    "type": "dict",
+    "schema": {
+        **_INPUT["schema"],
+        "description": {"type": "string"},
+        "canonical_unit": {"type": "string"},
+        # No defaults here: an entry for an existing input keeps that input's settings.
+        "value_type": {"type": "string", "allowed": ["quantity", "coded"]},
+        "query": {"type": "string", "allowed": ["window", "latest"]},
+    },
+}
+LOCAL_SCHEMA: dict[str, Any] = {
+    "inputs": {
+        "type": "dict",
+        "nullable": True,
+        "keysrules": {"type": "string", "regex": r"^[a-z][a-z0-9_]*$"},
+        "valuesrules": _LOCAL_INPUT,
+    }
+}
 
 MEDICATIONS_SCHEMA: dict[str, Any] = {
     "drugs": {
@@ -140,7 +160,10 @@ UNITS_SCHEMA: dict[str, Any] = {
             "schema": {
                 "from": {"type": "string", "required": True},
                 "to": {"type": "string", "required": True},
-                "factor": {"type": "number", "required": True},
+                # Either a factor or a divisor: "÷ 9.01" is written as divide_by so that 18.02 mg/dL
+                # gives exactly 2.0 mmol/L (a rounded reciprocal would tip it over the > 2 threshold).
+                "factor": {"type": "number", "required": True, "excludes": "divide_by"},
+                "divide_by": {"type": "number", "required": True, "excludes": "factor", "min": 1e-12},
                 "inputs": {"type": "list", "schema": {"type": "string"}},
                 "source": {"type": "string", "required": True},
             },
@@ -227,6 +250,10 @@ class Conversion:
     to: str
     factor: float
     source: str
+    divisor: float = 1.0
+
+    def apply(self, value: float) -> float:
+        return value * self.factor / self.divisor if self.divisor != 1.0 else value * self.factor
 
 
 @dataclass(frozen=True)
@@ -260,6 +287,9 @@ class Knowledge:
     files: list[str]
     # indexes
     observation_codes: dict[str, ObservationInput] = field(default_factory=dict)
+    # code key → the UCUM units (aliases resolved) a value of that code is accepted in; empty = any
+    # unit that converts to the input's canonical unit.
+    observation_units: dict[str, frozenset[str]] = field(default_factory=dict)
     drug_codes: dict[str, Drug] = field(default_factory=dict)
     drug_text: list[tuple[re.Pattern[str], Drug]] = field(default_factory=list)
     condition_exact: dict[str, frozenset[str]] = field(default_factory=dict)
@@ -270,6 +300,9 @@ class Knowledge:
         for item in self.inputs.values():
             for row in item.codes:
                 self.observation_codes[row.key] = item
+                self.observation_units[row.key] = frozenset(
+                    self.unit_aliases.get(normalise_unit(unit), normalise_unit(unit)) for unit in row.units
+                )
             self.coded_value_index[item.name] = {
                 token.lower(): label for label, tokens in item.coded_values.items() for token in tokens
             }
@@ -321,7 +354,14 @@ class Knowledge:
         unit = self.canonical_unit_code(unit)
         if unit == canonical:
             return Conversion(canonical, 1.0, "canonical unit")
-        return self.conversions.get((input_name, unit)) or self.conversions.get((None, unit))
+        found = self.conversions.get((input_name, unit)) or self.conversions.get((None, unit))
+        # A general conversion (e.g. /uL → 10*9/L) must not apply to an input in another unit.
+        return found if found is not None and found.to == canonical else None
+
+    def accepts_unit(self, code_key: str, unit: str) -> bool:
+        """Whether a value of this code may be charted in ``unit`` (the code row's ``units`` list)."""
+        accepted = self.observation_units.get(code_key)
+        return not accepted or self.canonical_unit_code(unit) in accepted
 
     def rate_conversion(self, unit: str) -> RateConversion | None:
         return self.rate_conversions.get(self.canonical_unit_code(unit))
@@ -361,15 +401,40 @@ def _rows(raw_rows: list[dict[str, Any]]) -> tuple[CodeRow, ...]:
 def _input_from(name: str, raw: dict[str, Any]) -> ObservationInput:
     return ObservationInput(
         name=name,
-        description=raw["description"],
+        description=raw.get("description", ""),
         value_type=raw.get("value_type", "quantity"),
-        canonical_unit=raw["canonical_unit"],
+        canonical_unit=raw.get("canonical_unit", ""),
         query=raw.get("query", "window"),
         codes=_rows(raw["codes"]),
         coded_values={k: tuple(v) for k, v in raw.get("coded_values", {}).items()},
         label=raw.get("label") or name.replace("_", " "),
-        display_unit=raw.get("display_unit", raw["canonical_unit"]),
+        display_unit=raw.get("display_unit", raw.get("canonical_unit", "")),
     )
+
+
+def _check_derived_references(folder: Path, value_sets: dict[str, ValueSet]) -> list[DataFileProblem]:
+    """derived.yaml names condition value sets: a typo there would silently mean "no infection"."""
+    path = folder / "derived.yaml"
+    if not path.exists():
+        return []
+    try:
+        loaded = load_yaml(path)
+    except DataFileError as exc:
+        return list(exc.problems)
+    onset = loaded.data.get("septic_shock_onset") if isinstance(loaded.data, dict) else None
+    problems: list[DataFileProblem] = []
+    if isinstance(onset, dict):
+        for key in ("infection_value_sets", "charted_value_sets"):
+            names = onset.get(key)
+            for index, name in enumerate(names if isinstance(names, list) else ()):
+                if name not in value_sets:
+                    problems.append(
+                        loaded.problem(
+                            ("septic_shock_onset", key, index),
+                            f"unknown value set {name!r} (not in conditions.yaml)",
+                        )
+                    )
+    return problems
 
 
 def load_knowledge(data_dir: Path) -> Knowledge:
@@ -397,19 +462,58 @@ def load_knowledge(data_dir: Path) -> Knowledge:
 
     obs_file, obs = loaded["observations.yaml"]
     inputs = {name: _input_from(name, raw) for name, raw in (obs.get("inputs") or {}).items()}
+    # Where each code row of each input was written (file, key path): problems found later name it.
+    row_origin: dict[tuple[str, int], tuple[LoadedFile, tuple[Any, ...]]] = {
+        (name, index): (obs_file, ("inputs", name, "codes", index))
+        for name, item in inputs.items()
+        for index in range(len(item.codes))
+    }
     if "local.yaml" in loaded:
-        _, local = loaded["local.yaml"]
+        local_file, local = loaded["local.yaml"]
         for name, raw in (local.get("inputs") or {}).items():
             extra = _input_from(name, raw)
             if name in inputs:
                 base = inputs[name]
+                for key in ("canonical_unit", "value_type"):
+                    if key in raw and raw[key] != getattr(base, key):
+                        problems.append(
+                            local_file.problem(
+                                ("inputs", name, key),
+                                f"{raw[key]!r} differs from {getattr(base, key)!r} in observations.yaml: "
+                                "local codes must deliver the input in its canonical unit (leave it out)",
+                            )
+                        )
+                offset = len(base.codes)
                 inputs[name] = replace(
                     base,
                     codes=base.codes + extra.codes,
                     coded_values={**base.coded_values, **extra.coded_values},
                 )
             else:
+                for key in ("description", "canonical_unit"):
+                    if key not in raw:
+                        problems.append(
+                            local_file.problem(
+                                ("inputs", name),
+                                f"{key} is required for a new input (not in observations.yaml)",
+                            )
+                        )
+                offset = 0
                 inputs[name] = extra
+            for index in range(len(extra.codes)):
+                row_origin[(name, offset + index)] = (local_file, ("inputs", name, "codes", index))
+
+    # One code, one meaning: a code listed under two inputs would be read as whichever came last.
+    seen_codes: dict[str, str] = {}
+    for name, item in inputs.items():
+        for index, row in enumerate(item.codes):
+            if row.key in seen_codes:
+                where, path = row_origin[(name, index)]
+                problems.append(
+                    where.problem(path, f"code {row.key} is already mapped to input {seen_codes[row.key]!r}")
+                )
+            else:
+                seen_codes[row.key] = name
 
     panels: dict[str, Panel] = {}
     for index, raw in enumerate(obs.get("panels") or []):
@@ -421,6 +525,10 @@ def load_knowledge(data_dir: Path) -> Knowledge:
                         ("panels", index, "derive_mean_pressure", part), f"unknown input {derive[part]!r}"
                     )
                 )
+        if f"{raw['system']}|{raw['code']}" in seen_codes:
+            problems.append(
+                obs_file.problem(("panels", index, "code"), "this code is also mapped to an input")
+            )
         panel = Panel(
             raw["system"],
             raw["code"],
@@ -432,6 +540,19 @@ def load_knowledge(data_dir: Path) -> Knowledge:
         panels[panel.key] = panel
 
     med_file, meds = loaded["medications.yaml"]
+    seen_drug_codes: dict[str, str] = {}
+    for name, raw in meds["drugs"].items():
+        for index, row in enumerate(raw["codes"]):
+            key = f"{row['system']}|{row['code']}"
+            if key in seen_drug_codes:
+                problems.append(
+                    med_file.problem(
+                        ("drugs", name, "codes", index),
+                        f"code {key} is already listed for {seen_drug_codes[key]!r}",
+                    )
+                )
+            else:
+                seen_drug_codes[key] = name
     drugs = {
         name: Drug(
             name,
@@ -458,7 +579,7 @@ def load_knowledge(data_dir: Path) -> Knowledge:
                     units_file.problem(("conversions", index, "inputs"), f"unknown input {input_name!r}")
                 )
             conversions[(input_name, raw["from"])] = Conversion(
-                raw["to"], float(raw["factor"]), raw["source"]
+                raw["to"], float(raw.get("factor", 1.0)), raw["source"], float(raw.get("divide_by", 1.0))
             )
     rate_conversions = {
         raw["from"]: RateConversion(raw["to"], float(raw["factor"]), raw["per_kg"], raw["source"])
@@ -479,19 +600,18 @@ def load_knowledge(data_dir: Path) -> Knowledge:
     )
     # Cross-checks: every accepted unit must be canonical or convertible, so no value is used blindly.
     for name, item in inputs.items():
-        source_file = (
-            obs_file if name in (obs.get("inputs") or {}) else loaded.get("local.yaml", (obs_file,))[0]
-        )
         for index, row in enumerate(item.codes):
             for unit in row.units:
                 if item.value_type == "quantity" and knowledge.conversion(name, unit) is None:
+                    where, path = row_origin[(name, index)]
                     problems.append(
-                        source_file.problem(
-                            ("inputs", name, "codes", index, "units"),
+                        where.problem(
+                            (*path, "units"),
                             f"unit {unit!r} is neither the canonical unit {item.canonical_unit!r} "
-                            "nor convertible by units.yaml",
+                            "nor convertible to it by units.yaml",
                         )
                     )
+    problems.extend(_check_derived_references(folder, value_sets))
     for name, drug in drugs.items():
         if drug.vis_coefficient is not None and knowledge.rate_conversion(drug.dose_unit) is None:
             problems.append(

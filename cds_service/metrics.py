@@ -1,17 +1,78 @@
 """Prometheus metrics (prometheus-client), exposed at ``/metrics``.
 
-Under gunicorn with several workers set ``PROMETHEUS_MULTIPROC_DIR`` (``cds-service serve`` does)
-so every worker's counts are aggregated.
+Series (all on the service's own registry, so tests can build several apps side by side):
+
+==================================  =======================  =========================================
+series                              labels                   meaning
+==================================  =======================  =========================================
+``cds_hook_calls_total``            service, status          hook calls by HTTP status (200, 400, 412…)
+``cds_hook_latency_seconds``        service                  hook service time (histogram)
+``cds_fhir_query_seconds``          resource_type            each FHIR request the service makes itself
+``cds_fhir_query_failures_total``   resource_type            FHIR requests that failed (HTTP, timeout…)
+``cds_cards_issued_total``          trial, status            cards returned, by trial and eligibility
+``cds_feedback_total``              outcome, repeat          feedback items; ``repeat="yes"`` = resent
+==================================  =======================  =========================================
+
+Multiprocess mode (gunicorn with several workers): every worker writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` adds them up, whichever worker answers the scrape.
+prometheus-client chooses between in-memory and file-backed values from that environment variable
+*when it is imported*; :func:`enable_multiprocess` sets the variable and refreshes that choice, so it
+works even when prometheus-client was imported before (``cds-service serve`` calls it before the
+app is built and the workers are forked).
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import tempfile
+import threading
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+#: The classic text format 0.0.4: every Prometheus version reads it (our names need no 1.0.0 escaping).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: The ``service`` label comes from the URL, which any caller chooses (a 404, or a 401 before the id is
+#: checked): after this many distinct values in one process, further ones are counted as ``other``, so
+#: that nobody can grow the number of series without bound.
+MAX_SERVICE_LABELS = 16
+OTHER_SERVICE = "other"
+
+
+def multiprocess_enabled() -> bool:
+    """True when values are file-backed (shared by every process using the same directory)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def enable_multiprocess(directory: str | None = None, *, wipe: bool = False) -> str:
+    """Switch prometheus-client to multiprocess mode; returns the metrics directory.
+
+    ``directory`` defaults to ``$PROMETHEUS_MULTIPROC_DIR``, else a new temporary directory. Call it
+    in the parent process before any metric value exists and before forking workers. ``wipe=True``
+    removes ``*.db`` files left by an earlier run in that directory (prometheus-client's rule: the
+    directory must be emptied between runs, or old counts are added to the new ones).
+    """
+    path = directory or os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="cds-metrics-")
+    os.makedirs(path, exist_ok=True)
+    if wipe:
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    os.environ[MULTIPROC_ENV] = path
+    if not multiprocess_enabled():
+        # prometheus-client read the environment when it was imported; read it again. Metric objects
+        # look `values.ValueClass` up each time they create a value, so existing metrics follow.
+        values.ValueClass = values.get_value_class()
+    return path
+
+
+def mark_process_dead(pid: int) -> None:
+    """gunicorn ``child_exit`` hook: drop a dead worker's live-gauge files (no-op for counters)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
 
 
 class Metrics:
@@ -19,6 +80,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self._services: set[str] = set()
+        self._lock = threading.Lock()
         self.hook_calls = Counter(
             "cds_hook_calls_total",
             "Hook calls by service and HTTP status",
@@ -58,11 +121,22 @@ class Metrics:
             registry=self.registry,
         )
 
+    def _service_label(self, service: str) -> str:
+        if service in self._services:
+            return service
+        with self._lock:
+            if len(self._services) >= MAX_SERVICE_LABELS or len(service) > 64:
+                return OTHER_SERVICE
+            self._services.add(service)
+        return service
+
     def hook_call(self, service: str, status: int, seconds: float) -> None:
+        service = self._service_label(service)
         self.hook_calls.labels(service, str(status)).inc()
         self.hook_latency.labels(service).observe(seconds)
 
     def fhir_query(self, resource_type: str, seconds: float, ok: bool) -> None:
+        """``FhirClient(on_query=...)`` callback: one call per HTTP request to a FHIR server."""
         self.fhir_queries.labels(resource_type).observe(seconds)
         if not ok:
             self.fhir_failures.labels(resource_type).inc()
@@ -74,8 +148,8 @@ class Metrics:
         self.feedback_total.labels(outcome, "no" if new else "yes").inc()
 
     def exposition(self) -> tuple[bytes, str]:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(MULTIPROC_ENV) and multiprocess_enabled():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return generate_latest(registry), CONTENT_TYPE
+        return generate_latest(self.registry), CONTENT_TYPE

@@ -66,17 +66,14 @@ def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: in
                 "date",
             )
         )
-    latest_codes = knowledge.observation_query_codes(observation_inputs, "latest")
-    if latest_codes:
-        queries.append(
-            PrefetchQuery(
-                "latestObservations",
-                f"Observation?patient={PATIENT_TOKEN}&code={_codes(latest_codes)}&_sort=-date&_count=50",
-                "Observation",
-                None,
-                single_page=True,
-            )
-        )
+    # Rarely charted inputs (weight, LVEF, pregnancy test): the latest few values whatever their age,
+    # one query per input so that one input's many values cannot crowd out another's.
+    for name in sorted(observation_inputs):
+        codes = knowledge.observation_query_codes({name}, "latest")
+        if codes:
+            key = "latest" + "".join(part.capitalize() for part in name.split("_"))
+            template = f"Observation?patient={PATIENT_TOKEN}&code={_codes(codes)}&_sort=-date&_count=5"
+            queries.append(PrefetchQuery(key, template, "Observation", None, single_page=True))
     queries.append(
         PrefetchQuery(
             "medicationAdministrations",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import unquote
 
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -16,6 +17,11 @@ SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 UCUM = "http://unitsofmeasure.org"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+
+
+def _codes_of(resource: dict[str, Any]) -> set[str]:
+    concept = resource.get("code") or resource.get("medicationCodeableConcept") or {}
+    return {f"{c.get('system')}|{c.get('code')}" for c in concept.get("coding") or ()}
 
 
 def iso(moment: datetime) -> str:
@@ -276,6 +282,36 @@ class PatientBuilder:
                 for r in self.all_resources()
             ],
         }
+
+    def prefetch(self, templates: dict[str, str]) -> dict[str, Any]:
+        """Fill each prefetch template from this patient's resources, as a CDS client would.
+
+        Supports what the service's templates use: a Patient read, and type searches restricted by
+        ``code=system|code,...`` (matched on ``Observation.code`` / ``medicationCodeableConcept``).
+        """
+        filled: dict[str, Any] = {}
+        for key, template in templates.items():
+            resource_type, _, query = template.partition("?")
+            if resource_type.startswith("Patient/"):
+                filled[key] = self.patient
+                continue
+            params = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+            codes = set(unquote(params["code"]).split(",")) if "code" in params else None
+            matches = [
+                r
+                for r in self.resources
+                if r["resourceType"] == resource_type and (codes is None or _codes_of(r) & codes)
+            ]
+            if "_sort" in params and "_count" in params:  # "the latest N"
+                matches = sorted(matches, key=lambda r: r.get("effectiveDateTime", ""), reverse=True)
+                matches = matches[: int(params["_count"])]
+            filled[key] = {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": len(matches),
+                "entry": [{"resource": r, "search": {"mode": "match"}} for r in matches],
+            }
+        return filled
 
     def searchset(self, resource_type: str) -> dict[str, Any]:
         entries = [

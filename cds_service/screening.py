@@ -51,5 +51,13 @@ class Screener:
         results = [evaluate_trial(trial, inputs) for trial in self.trials]
         return ScreeningOutcome(facts, inputs, results)
 
-    def cards(self, outcome: ScreeningOutcome) -> list[tuple[TrialResult, dict[str, Any]]]:
-        return [(result, self.renderer.render(result)) for result in outcome.results if result.shows_card]
+    def cards(
+        self, outcome: ScreeningOutcome, user_id: str | None = None
+    ) -> list[tuple[TrialResult, dict[str, Any]]]:
+        """A card per trial result that shows one (``user_id`` becomes the referral's requester)."""
+        patient_id = outcome.facts.patient_id
+        return [
+            (result, self.renderer.render(result, patient_id=patient_id, user_id=user_id))
+            for result in outcome.results
+            if result.shows_card
+        ]

@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 OUTCOMES = ("accepted", "overridden")
+#: The reason code the service stores on accepted feedback that accepted the referral suggestion.
+REFERRAL_REASON = "referral"
 #: A remembered ``jti`` stays a replay for this long after the ``expires_at`` it was stored with.
 JTI_GRACE_SECONDS = 600.0
 #: Expired ``jti`` rows are purged at most this often (seconds) per store and process …
@@ -106,6 +108,7 @@ class OverrideInfo:
     reason_code: str | None = None
     reason_display: str | None = None
     user_comment: str | None = None
+    outcome: str = "overridden"  # "accepted" only from :meth:`Store.last_override_or_referral`
 
     @property
     def reason(self) -> str | None:
@@ -200,6 +203,16 @@ _LAST_OVERRIDE = """
 SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment
 FROM issued_card c JOIN card_feedback f ON f.card_uuid = c.card_uuid
 WHERE c.patient_id = ? AND c.trial_id = ? AND f.outcome = 'overridden' AND f.outcome_timestamp >= ?
+ORDER BY f.outcome_timestamp DESC, f.id DESC
+LIMIT 1
+"""
+
+_LAST_OVERRIDE_OR_REFERRAL = """
+SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment,
+       f.outcome
+FROM issued_card c JOIN card_feedback f ON f.card_uuid = c.card_uuid
+WHERE c.patient_id = ? AND c.trial_id = ? AND f.outcome_timestamp >= ?
+  AND (f.outcome = 'overridden' OR (f.outcome = 'accepted' AND f.reason_code = ?))
 ORDER BY f.outcome_timestamp DESC, f.id DESC
 LIMIT 1
 """
@@ -522,6 +535,23 @@ class Store(ABC):
             reason_code=code,
             reason_display=display,
             user_comment=comment,
+        )
+
+    def last_override_or_referral(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
+        """The latest override, or acceptance recorded as a referral (reason code :data:`REFERRAL_REASON`),
+        with outcome time >= ``since``, of any card for this patient and trial."""
+        rows = self._read(_LAST_OVERRIDE_OR_REFERRAL, (patient_id, trial_id, float(since), REFERRAL_REASON))
+        if not rows:
+            return None
+        card_uuid, status, outcome_ts, code, display, comment, outcome = rows[0]
+        return OverrideInfo(
+            card_uuid=card_uuid,
+            status=status,
+            time=float(outcome_ts),
+            reason_code=code,
+            reason_display=display,
+            user_comment=comment,
+            outcome=outcome,
         )
 
     # -- JWT replay cache -----------------------------------------------------------------------

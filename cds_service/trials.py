@@ -13,7 +13,7 @@ from typing import Any
 
 from cerberus import Validator
 
-from .criteria import COMBINATORS, CONFIRM, RULE_SCHEMAS, parse_duration, rule_inputs
+from .criteria import COMBINATORS, CONFIRM, RULE_SCHEMAS, parse_duration, rule_can_confirm, rule_inputs
 from .datafiles import DataFileError, DataFileProblem, LoadedFile, load_yaml, validate
 from .knowledge import Knowledge
 
@@ -32,8 +32,13 @@ _CRITERION = {
         "text": {"type": "string", "required": True, "maxlength": 160},
         "source": {"type": "string", "required": True, "empty": False},
         "rule": {"type": "dict"},
+        # With no rule: what the clinician confirms. With a rule that may answer "confirm"
+        # (a condition with if_absent/if_present: confirm): the checklist wording for that case.
         "confirm": {"type": "string", "empty": False},
         "measure": {"type": "string"},
+        # An exclusion that is the enrollment clock: once met, the window has closed (no card), and
+        # while its clock runs (`due`) it gives the window's closing time.
+        "closes_window": {"type": "boolean"},
         "note": {"type": "string"},
     },
 }
@@ -102,10 +107,19 @@ class Criterion:
     rule: dict[str, Any] | None
     confirm: str | None
     measure: str | None
+    closes_window: bool = False
+    note: str = ""
 
     @property
     def computable(self) -> bool:
         return self.rule is not None
+
+    @property
+    def decided_by(self) -> str:
+        """``data`` (computed), ``clinician`` (a confirm item) or ``data, else clinician``."""
+        if self.rule is None:
+            return "clinician"
+        return "data, else clinician" if rule_can_confirm(self.rule) else "data"
 
 
 @dataclass(frozen=True)
@@ -216,15 +230,21 @@ def load_trial(path: Path, knowledge: Knowledge) -> Trial:
             if raw["id"] in seen:
                 problems.append(loaded.problem((*where, "id"), f"duplicate criterion id {raw['id']!r}"))
             seen.add(raw["id"])
-            if ("rule" in raw) == ("confirm" in raw):
+            if "rule" not in raw and "confirm" not in raw:
                 problems.append(
                     loaded.problem(
-                        where, "give exactly one of `rule` (computable) or `confirm` (for the clinician)"
+                        where, "give a `rule` (computable) or a `confirm` text (for the clinician)"
                     )
                 )
                 continue
             if "rule" in raw:
                 _check_rule(raw["rule"], (*where, "rule"), loaded, knowledge, problems)
+            if raw.get("closes_window") and (kind != "exclusion" or "rule" not in raw):
+                problems.append(
+                    loaded.problem(
+                        (*where, "closes_window"), "only a computed exclusion can close the window"
+                    )
+                )
             criteria[kind].append(
                 Criterion(
                     raw["id"],
@@ -234,6 +254,8 @@ def load_trial(path: Path, knowledge: Knowledge) -> Trial:
                     raw.get("rule"),
                     raw.get("confirm"),
                     raw.get("measure"),
+                    bool(raw.get("closes_window", False)),
+                    raw.get("note", ""),
                 )
             )
     window = document["enrollment_window"]

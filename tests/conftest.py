@@ -79,6 +79,16 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+_TEMPLATES: dict[str, str] = {}
+
+
+def _default_templates() -> dict[str, str]:
+    """The shipped configuration's prefetch templates (what an EHR registers from discovery)."""
+    if not _TEMPLATES:
+        _TEMPLATES.update(Screener(load_settings(environ={})).plan.templates())
+    return _TEMPLATES
+
+
 def hook_body(
     builder: PatientBuilder | None = None,
     *,
@@ -108,12 +118,6 @@ def hook_body(
             "subject": "cds-service",
         }
     if prefetch and builder is not None:
-        body["prefetch"] = {
-            "patient": builder.patient,
-            "observations": builder.searchset("Observation"),
-            "latestObservations": None,
-            "medicationAdministrations": builder.searchset("MedicationAdministration"),
-            "conditions": builder.searchset("Condition"),
-        }
+        body["prefetch"] = builder.prefetch(_default_templates())
     body.update(extra)
     return body

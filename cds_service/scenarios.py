@@ -1,0 +1,1035 @@
+"""Scenario patients: clinical stories as FHIR Bundles, each with the expected result per trial.
+
+Every scenario is built relative to an evaluation time ``at`` (``PatientBuilder`` takes hours
+*before* it), so the same story can be replayed now against a live service, or written once to a
+file (``examples/scenarios/*.json``) and evaluated later with ``cds-service evaluate --at``.
+Patient ids all start with ``cdsh-`` so that they cannot collide with real patients.
+
+The expected results state, for all three seed trials, what the criteria in ``trials/`` must give:
+``eligible`` / ``possibly_eligible`` / ``upcoming`` (a card) or ``not_eligible`` / ``window_closed``
+(no card). The test suite runs every scenario in memory, through the HTTP hook with prefetch, and
+through the hook against a real FHIR server without prefetch.
+
+Scenario file format (documented in docs/trials.md, "Scenario files")::
+
+    {"name": ..., "story": ..., "evaluatedAt": "<ISO UTC>",
+     "expected": {"NCT…": "eligible" | "possibly_eligible" | "upcoming" | "not_eligible" | "window_closed"},
+     "bundle": <transaction Bundle of PUTs>}
+
+``python -m cds_service.scenarios`` regenerates ``examples/`` at the fixed time ``EXAMPLES_AT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+
+from .scenario_builder import ICD10CM, SNOMED, PatientBuilder, iso
+
+ECMO = "NCT05184296"
+IMICRO = "NCT03788837"
+MSC = "NCT01849237"
+TRIAL_NAMES = {ECMO: "ECMO-RESCUE", IMICRO: "I-MICRO", MSC: "MSC-Neutropenia"}
+STATUSES = ("eligible", "possibly_eligible", "upcoming", "not_eligible", "window_closed")
+CARD_STATUSES = ("eligible", "possibly_eligible", "upcoming")
+ID_PREFIX = "cdsh-"
+SITE_CODES = "urn:cds-service:site-codes"
+#: The evaluation time of the shipped examples (``cds-service evaluate --at`` must use it).
+EXAMPLES_AT = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+@dataclass
+class Scenario:
+    """One clinical story: the patient's data and the expected result per trial (NCT id → status)."""
+
+    name: str
+    story: str
+    expected: dict[str, str]
+    builder: PatientBuilder
+
+    @property
+    def patient_id(self) -> str:
+        return self.builder.patient_id
+
+    def bundle(self) -> dict[str, Any]:
+        """A transaction Bundle of PUTs (loading it twice changes nothing)."""
+        return self.builder.transaction()
+
+    def document(self) -> dict[str, Any]:
+        """The scenario file content (see the module docstring)."""
+        return {
+            "name": self.name,
+            "story": self.story,
+            "evaluatedAt": iso(self.builder.at),
+            "expected": dict(self.expected),
+            "bundle": self.bundle(),
+        }
+
+
+# -- building blocks ------------------------------------------------------------------------------
+
+
+def _patient(name: str, at: datetime, *, age: int = 60, gender: str = "male") -> PatientBuilder:
+    return PatientBuilder(f"{ID_PREFIX}{name}", at, age=age, gender=gender)
+
+
+def _septic_shock(
+    b: PatientBuilder,
+    onset: float,
+    *,
+    rate: float = 0.25,
+    unit: str = "ug/kg/min",
+    weight: float | None = 80.0,
+    lactate: float = 4.2,
+    lactate_mg_dl: bool = False,
+    norepinephrine_code: str = "7512",
+    until: float | None = None,
+) -> None:
+    """Sepsis diagnosed 3 h before the first norepinephrine (started ``onset`` hours ago, running
+    unless ``until``), lactate high 30 min before it: the septic-shock onset is ``onset`` h ago."""
+    if weight is not None:
+        b.weight(weight, hours=onset + 20)
+    b.condition(ICD10CM, "A41.9", "Sepsis, unspecified organism", onset + 3)
+    b.lactate(lactate, hours=onset + 0.5, mg_dl=lactate_mg_dl)
+    display = "norepinephrine bitartrate" if norepinephrine_code == "242969" else "norepinephrine"
+    b.norepinephrine(rate, unit, start=onset, end=until, code=norepinephrine_code, display=display)
+
+
+def _refractory_shock(
+    b: PatientBuilder,
+    onset: float,
+    high_dose_from: float,
+    *,
+    unit: str = "ug/kg/min",
+    weight: float | None = 80.0,
+    norepinephrine_code: str = "7512",
+    map_values: bool = True,
+) -> None:
+    """Septic shock from ``onset`` h ago on norepinephrine 0.3 µg/kg/min; from ``high_dose_from`` h ago
+    norepinephrine 0.9 + epinephrine 0.4 µg/kg/min (VIS 130), MAP 58 mmHg charted hourly since then."""
+    per_minute = unit == "ug/min"
+    scale = (weight or 80.0) if per_minute else 1.0
+    _septic_shock(
+        b,
+        onset,
+        rate=round(0.3 * scale, 3),
+        unit=unit,
+        weight=weight,
+        norepinephrine_code=norepinephrine_code,
+        until=high_dose_from,
+    )
+    display = "norepinephrine bitartrate" if norepinephrine_code == "242969" else "norepinephrine"
+    b.norepinephrine(
+        round(0.9 * scale, 3), unit, start=high_dose_from, code=norepinephrine_code, display=display
+    )
+    b.infusion("3992", "epinephrine", round(0.4 * scale, 3), unit, start=high_dose_from)
+    if map_values:
+        _hourly(b, high_dose_from, lambda h: b.map(58, hours=h))
+
+
+def _hourly(b: PatientBuilder, since: float, chart: Callable[[float], None], last: float = 0.5) -> None:
+    """Chart something every hour from ``since`` hours ago to ``last`` hours ago."""
+    hours = since
+    while hours >= last - 1e-9:
+        chart(hours)
+        hours -= 1.0
+
+
+def _mottling(b: PatientBuilder, score: float, hours: float) -> None:
+    b.observation(
+        "mottling-score",
+        score,
+        "{score}",
+        hours,
+        system=SITE_CODES,
+        display="Skin mottling score",
+        category="exam",
+    )
+
+
+def _capillary_refill(b: PatientBuilder, seconds: float, hours: float) -> None:
+    b.observation(
+        "44963-7", seconds, "s", hours, display="Capillary refill [Time] of Nail bed", category="exam"
+    )
+
+
+def _platelets(b: PatientBuilder, value: float, hours: float, unit: str = "10*3/uL") -> None:
+    b.observation("777-3", value, unit, hours, display="Platelets [#/volume] in Blood by Automated count")
+
+
+def _lvef(b: PatientBuilder, percent: float, hours: float) -> None:
+    b.observation(
+        "10230-1", percent, "%", hours, display="Left ventricular Ejection fraction", category="imaging"
+    )
+
+
+def _cardiac_index(b: PatientBuilder, value: float, hours: float) -> None:
+    b.observation(
+        "75919-1", value, "L/min/m2", hours, display="Left ventricular Cardiac index", category="procedure"
+    )
+
+
+def _pregnancy_test(b: PatientBuilder, positive: bool, hours: float, code: str = "2106-3") -> None:
+    result = (SNOMED, "10828004") if positive else (SNOMED, "260385009")
+    b.observation(code, None, "", hours, display="Choriogonadotropin (pregnancy test)", value_codeable=result)
+
+
+def _ecmo_base(
+    b: PatientBuilder, onset: float = 8.0, high_dose_from: float = 7.5, *, lvef: float | None = 25, **kw: Any
+) -> None:
+    """Refractory septic shock with septic cardiomyopathy (LVEF 25 %), mottled, normal neutrophils."""
+    _refractory_shock(b, onset, high_dose_from, **kw)
+    if lvef is not None:
+        _lvef(b, lvef, hours=2)
+    b.anc(7.8, hours=3)
+    _platelets(b, 95, hours=3)
+    _mottling(b, 4, hours=1)
+
+
+def _imicro_base(
+    b: PatientBuilder,
+    onset: float = 12.0,
+    *,
+    mottling: float | None = 3,
+    platelets: float = 160,
+    platelet_unit: str = "10*3/uL",
+) -> None:
+    """Septic shock on moderate norepinephrine (VIS 20), mottled knees, platelets normal, no ANC."""
+    _septic_shock(b, onset, rate=0.2)
+    if mottling is not None:
+        _mottling(b, mottling, hours=1)
+    _platelets(b, platelets, hours=4, unit=platelet_unit)
+
+
+def _msc_base(b: PatientBuilder, onset: float = 4.0, anc: float | None = 0.4, unit: str = "10*3/uL") -> None:
+    """Neutropenic septic shock: norepinephrine 0.3 µg/kg/min, ANC charted 2 h ago."""
+    _septic_shock(b, onset, rate=0.3)
+    if anc is not None:
+        b.anc(anc, hours=2, unit=unit)
+
+
+def _expect(ecmo: str, imicro: str, msc: str) -> dict[str, str]:
+    return {ECMO: ecmo, IMICRO: imicro, MSC: msc}
+
+
+# -- the scenarios --------------------------------------------------------------------------------
+
+
+def all_scenarios(at: datetime) -> list[Scenario]:
+    """Every scenario, built relative to the evaluation time ``at``."""
+    out: list[Scenario] = []
+
+    def add(name: str, story: str, expected: dict[str, str], builder: PatientBuilder) -> None:
+        out.append(Scenario(name, story, expected, builder))
+
+    # -- MSC in neutropenic septic shock (NCT01849237): window 0–10 h after onset --------------
+    b = _patient("msc-eligible", at, age=45)
+    _msc_base(b)
+    add(
+        "msc-eligible",
+        "45-year-old man, neutropenic after chemotherapy, septic shock since 4 h (norepinephrine "
+        "0.3 µg/kg/min, lactate 4.2 mmol/L), ANC 0.4 × 10⁹/L. MSC: eligible (consent and chemo-"
+        "resistance to confirm). I-MICRO: window opens at 6 h → upcoming. "
+        "ECMO-RESCUE: VIS 30 → not eligible.",
+        _expect("not_eligible", "upcoming", "eligible"),
+        b,
+    )
+    b = _patient("msc-normal-anc", at, age=45)
+    _msc_base(b, anc=5.2)
+    add(
+        "msc-normal-anc",
+        "Same story, but the neutrophil count is normal (5.2 × 10⁹/L). MSC: not eligible (no card). "
+        "I-MICRO: upcoming. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "upcoming", "not_eligible"),
+        b,
+    )
+    b = _patient("msc-anc-missing", at, age=50)
+    _msc_base(b, onset=3.0, anc=None)
+    add(
+        "msc-anc-missing",
+        "50-year-old man in septic shock for 3 h; no neutrophil count in the chart. MSC: possibly "
+        "eligible — the card asks for an absolute neutrophil count. I-MICRO: upcoming. "
+        "ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "upcoming", "possibly_eligible"),
+        b,
+    )
+    b = _patient("msc-anc-per-ul", at, age=38)
+    _msc_base(b, anc=400, unit="/uL")
+    add(
+        "msc-anc-per-ul",
+        "38-year-old man, septic shock for 4 h; the lab reports the ANC as 400 /µL (= 0.4 × 10⁹/L). "
+        "MSC: eligible after unit conversion. I-MICRO: upcoming. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "upcoming", "eligible"),
+        b,
+    )
+    b = _patient("msc-window-closed", at, age=45)
+    _msc_base(b, onset=13.0)
+    b.anc(0.3, hours=3)
+    add(
+        "msc-window-closed",
+        "Neutropenic septic shock that started 13 h ago (ANC 0.3). MSC: the 10 h window has closed "
+        "(no card). I-MICRO: inside its 6–24 h window but no mottling / capillary refill and no "
+        "platelets charted → possibly eligible. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "possibly_eligible", "window_closed"),
+        b,
+    )
+    b = _patient("msc-no-septic-shock-yet", at, age=52)
+    b.weight(75, hours=30)
+    b.condition(ICD10CM, "A41.9", "Sepsis, unspecified organism", 6)
+    b.condition(ICD10CM, "D70.1", "Agranulocytosis secondary to cancer chemotherapy", 200)
+    b.lactate(3.1, hours=2)
+    b.anc(0.2, hours=3)
+    add(
+        "msc-no-septic-shock-yet",
+        "Neutropenic sepsis on the ward (ANC 0.2, lactate 3.1) but no vasopressor yet: no septic "
+        "shock, so no trial's window has opened (MSC opens at onset: it can never be 'upcoming'). "
+        "All three: not eligible.",
+        _expect("not_eligible", "not_eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("msc-over-75", at, age=79)
+    _msc_base(b)
+    add(
+        "msc-over-75",
+        "79-year-old man in neutropenic septic shock for 4 h. MSC: age > 75 excludes. I-MICRO has no "
+        "upper age limit → upcoming. ECMO-RESCUE: not eligible (VIS 30, age).",
+        _expect("not_eligible", "upcoming", "not_eligible"),
+        b,
+    )
+    b = _patient("msc-age-16", at, age=16)
+    _msc_base(b)
+    add(
+        "msc-age-16",
+        "16-year-old boy in neutropenic septic shock. MSC needs ≥ 17, I-MICRO adults, ECMO-RESCUE "
+        "18–75: not eligible for any.",
+        _expect("not_eligible", "not_eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("msc-age-17", at, age=17)
+    _msc_base(b)
+    add(
+        "msc-age-17",
+        "17-year-old in neutropenic septic shock for 4 h. MSC (≥ 17): eligible. I-MICRO (adults) and "
+        "ECMO-RESCUE (18–75): not eligible.",
+        _expect("not_eligible", "not_eligible", "eligible"),
+        b,
+    )
+    b = _patient("msc-pregnant", at, age=27, gender="female")
+    _msc_base(b)
+    b.condition(ICD10CM, "Z33.1", "Pregnant state, incidental", 500)
+    add(
+        "msc-pregnant",
+        "27-year-old pregnant woman (Z33.1 charted) in neutropenic septic shock for 4 h. Pregnancy "
+        "excludes her from all three trials.",
+        _expect("not_eligible", "not_eligible", "not_eligible"),
+        b,
+    )
+
+    # -- I-MICRO (NCT03788837): window 6–24 h after onset --------------------------------------
+    b = _patient("imicro-eligible", at, age=64)
+    _imicro_base(b)
+    add(
+        "imicro-eligible",
+        "64-year-old man, septic shock for 12 h on norepinephrine 0.2 µg/kg/min, mottling score 3 "
+        "an hour ago, platelets 160. I-MICRO: eligible. MSC: its 10 h window has closed. "
+        "ECMO-RESCUE: VIS 20 → not eligible.",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-upcoming", at, age=64)
+    _imicro_base(b, onset=3.0)
+    add(
+        "imicro-upcoming",
+        "Same patient 3 h into septic shock: I-MICRO randomises from 6 h → upcoming (info card, "
+        "opens in 3 h). MSC: no ANC → possibly eligible. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "upcoming", "possibly_eligible"),
+        b,
+    )
+    b = _patient("imicro-window-closed", at, age=64)
+    _imicro_base(b, onset=30.0)
+    add(
+        "imicro-window-closed",
+        "Mottled patient 30 h into septic shock: I-MICRO's 24 h window and MSC's 10 h window have "
+        "closed (no cards). ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "window_closed", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-low-platelets", at, age=59)
+    _imicro_base(b, platelets=22)
+    add(
+        "imicro-low-platelets",
+        "Mottled septic shock for 12 h with platelets 22 × 10⁹/L: I-MICRO excludes platelets < 30. "
+        "MSC: window closed. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "not_eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-platelets-per-ul", at, age=59)
+    _imicro_base(b, platelets=25000, platelet_unit="/uL")
+    add(
+        "imicro-platelets-per-ul",
+        "As above, but the count is reported as 25 000 /µL (= 25 × 10⁹/L): the conversion matters — "
+        "I-MICRO not eligible. MSC: window closed. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "not_eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-pregnant", at, age=31, gender="female")
+    _imicro_base(b)
+    _pregnancy_test(b, True, hours=10, code="2118-8")
+    add(
+        "imicro-pregnant",
+        "31-year-old woman, mottled septic shock for 12 h, serum hCG positive. I-MICRO, ECMO-RESCUE "
+        "and MSC all exclude pregnancy (MSC: the exclusion rules her out before its closed window).",
+        _expect("not_eligible", "not_eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("imicro-pregnancy-test-missing", at, age=34, gender="female")
+    _imicro_base(b)
+    add(
+        "imicro-pregnancy-test-missing",
+        "34-year-old woman, mottled septic shock for 12 h, no pregnancy test charted. I-MICRO: "
+        "possibly eligible — the card asks for a pregnancy test. MSC: window closed. "
+        "ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "possibly_eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-negative-pregnancy-test", at, age=34, gender="female")
+    _imicro_base(b)
+    _pregnancy_test(b, False, hours=10)
+    add(
+        "imicro-negative-pregnancy-test",
+        "Same woman with a negative urine hCG: I-MICRO eligible. MSC: window closed. "
+        "ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-woman-over-55", at, age=68, gender="female")
+    _imicro_base(b)
+    add(
+        "imicro-woman-over-55",
+        "68-year-old woman, mottled septic shock for 12 h, no pregnancy test: pregnancy is only "
+        "checked under 55 (documented decision) → I-MICRO eligible. MSC: window closed. "
+        "ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-no-hypoperfusion", at, age=57)
+    _imicro_base(b, mottling=0)
+    _capillary_refill(b, 2, hours=1)
+    add(
+        "imicro-no-hypoperfusion",
+        "Septic shock for 12 h, but no mottling (score 0) and capillary refill 2 s: no persistent "
+        "hypoperfusion → I-MICRO not eligible. MSC: window closed. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "not_eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-hypoperfusion-missing", at, age=57)
+    _imicro_base(b, mottling=None)
+    add(
+        "imicro-hypoperfusion-missing",
+        "Septic shock for 12 h, neither mottling nor capillary refill charted: I-MICRO possibly "
+        "eligible — the card asks for a mottling score or a capillary refill time. MSC: window closed. "
+        "ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "possibly_eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-capillary-refill", at, age=57)
+    _imicro_base(b, mottling=None)
+    _capillary_refill(b, 4.5, hours=1)
+    add(
+        "imicro-capillary-refill",
+        "Septic shock for 12 h, no mottling score but fingertip capillary refill 4.5 s: I-MICRO "
+        "eligible. MSC: window closed. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("imicro-lactate-mg-dl", at, age=61)
+    _septic_shock(b, 12.0, rate=0.2, lactate=4.2, lactate_mg_dl=True)
+    _mottling(b, 3, hours=1)
+    _platelets(b, 160, hours=4)
+    add(
+        "imicro-lactate-mg-dl",
+        "Septic shock for 12 h; the lactate around the norepinephrine start is charted as 37.8 mg/dL "
+        "(LOINC 14118-4, = 4.2 mmol/L): the onset is established after conversion → I-MICRO eligible. "
+        "MSC: window closed. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+
+    # -- ECMO-RESCUE (NCT05184296): VIS > 120 with hypoperfusion > 5 h, 12 h clock --------------
+    ecmo_others = "I-MICRO: mottled, platelets 95, 8 h after onset → eligible. MSC: ANC 7.8 → not eligible."
+    b = _patient("ecmo-eligible", at, age=52)
+    _ecmo_base(b)
+    add(
+        "ecmo-eligible",
+        "52-year-old man, septic shock for 8 h; for 7.5 h norepinephrine 0.9 + epinephrine 0.4 "
+        "µg/kg/min (VIS 130) with MAP 58 mmHg, LVEF 25 % on echo. ECMO-RESCUE: eligible, the 12 h "
+        f"clock closes the window in 9.5 h. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-upcoming", at, age=52)
+    _ecmo_base(b, onset=3.0, high_dose_from=2.5)
+    add(
+        "ecmo-upcoming",
+        "Same patient only 2.5 h into VIS 130 with MAP 58: the condition must last more than 5 h → "
+        "ECMO-RESCUE upcoming (opens in 2.5 h). I-MICRO (3 h after onset): upcoming. "
+        "MSC: ANC normal → not eligible.",
+        _expect("upcoming", "upcoming", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-window-closed", at, age=52)
+    _ecmo_base(b, onset=20.5, high_dose_from=20.0)
+    add(
+        "ecmo-window-closed",
+        "VIS 130 with MAP 58 for 20 h: the inclusion criteria have been met for more than 12 h → "
+        "ECMO-RESCUE window closed (no card). I-MICRO (20.5 h after onset, mottled): eligible. "
+        "MSC: not eligible.",
+        _expect("window_closed", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-acute-mi", at, age=58)
+    _ecmo_base(b)
+    b.condition(ICD10CM, "I21.4", "Non-ST elevation myocardial infarction", 30)
+    add(
+        "ecmo-acute-mi",
+        "Refractory shock with low LVEF, but an acute myocardial infarction (I21.4) is charted: the "
+        f"cardiac dysfunction has another cause → ECMO-RESCUE not eligible. {ecmo_others}",
+        _expect("not_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-pulmonary-embolism", at, age=58)
+    _ecmo_base(b)
+    b.condition(SNOMED, "59282003", "Pulmonary embolism", 9)
+    add(
+        "ecmo-pulmonary-embolism",
+        "Refractory shock with a pulmonary embolism charted (SNOMED 59282003): an obstructive cause "
+        f"of shock → ECMO-RESCUE not eligible. {ecmo_others}",
+        _expect("not_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-pregnant", at, age=29, gender="female")
+    _ecmo_base(b)
+    _pregnancy_test(b, True, hours=7)
+    add(
+        "ecmo-pregnant",
+        "29-year-old woman in refractory septic shock with a positive urine hCG: pregnancy excludes "
+        "her from ECMO-RESCUE, I-MICRO and MSC.",
+        _expect("not_eligible", "not_eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-aids", at, age=41)
+    _ecmo_base(b)
+    b.condition(ICD10CM, "B20", "Human immunodeficiency virus [HIV] disease", 2000)
+    add(
+        "ecmo-aids",
+        "41-year-old man with AIDS (B20) in refractory septic shock: ECMO-RESCUE excludes AIDS; "
+        "I-MICRO does not → eligible. MSC: ANC normal → not eligible.",
+        _expect("not_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-over-75", at, age=78)
+    _ecmo_base(b)
+    add(
+        "ecmo-over-75",
+        f"78-year-old man in refractory septic shock: ECMO-RESCUE is for 18–75 → not eligible. {ecmo_others}",
+        _expect("not_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-vis-below-120", at, age=52)
+    _septic_shock(b, 8.0, rate=0.6)
+    _hourly(b, 7.5, lambda h: b.map(60, hours=h))
+    _lvef(b, 25, hours=2)
+    b.anc(7.8, hours=3)
+    _platelets(b, 95, hours=3)
+    _mottling(b, 4, hours=1)
+    add(
+        "ecmo-vis-below-120",
+        "Septic shock with septic cardiomyopathy, MAP 60, but norepinephrine 0.6 µg/kg/min only "
+        f"(VIS 60 ≤ 120) → ECMO-RESCUE not eligible. {ecmo_others}",
+        _expect("not_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-aortic-regurgitation", at, age=52)
+    _ecmo_base(b)
+    b.condition(SNOMED, "60234000", "Aortic valve regurgitation", 4000)
+    add(
+        "ecmo-aortic-regurgitation",
+        "Refractory shock with aortic regurgitation on the problem list (severity not coded): "
+        "ECMO-RESCUE stays eligible, the card asks the clinician to confirm it is not moderate–severe. "
+        f"{ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-ug-per-min", at, age=52)
+    _ecmo_base(b, unit="ug/min")
+    add(
+        "ecmo-ug-per-min",
+        "As ecmo-eligible, but the pumps are charted in µg/min (norepinephrine 72, epinephrine 32 "
+        "µg/min) with a body weight of 80 kg → VIS 130 after conversion → ECMO-RESCUE eligible. "
+        f"{ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-ug-per-min-no-weight", at, age=52)
+    _ecmo_base(b, unit="ug/min", weight=None)
+    add(
+        "ecmo-ug-per-min-no-weight",
+        "Pumps in µg/min but no body weight charted: the VIS cannot be computed → ECMO-RESCUE "
+        f"possibly eligible, the card asks for a body weight. {ecmo_others}",
+        _expect("possibly_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-salt-code", at, age=52)
+    _ecmo_base(b, norepinephrine_code="242969")
+    add(
+        "ecmo-salt-code",
+        "As ecmo-eligible, but norepinephrine is coded with the salt RxNorm code 242969 "
+        f"(norepinephrine bitartrate) → recognised → ECMO-RESCUE eligible. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-map-from-panel", at, age=52)
+    _ecmo_base(b, map_values=False)
+    _hourly(b, 7.5, lambda h: b.bp_panel(85, 52, hours=h))
+    add(
+        "ecmo-map-from-panel",
+        "No mean pressure charted, only blood-pressure panels (85354-9) with 85/52 mmHg: MAP (S + 2D)/3 "
+        f"= 63 is derived → ECMO-RESCUE eligible. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-lactate-rising", at, age=52)
+    _ecmo_base(b, map_values=False)
+    _hourly(b, 7.5, lambda h: b.map(70, hours=h))
+    for hours, value in ((7.5, 5.6), (5.5, 6.0), (3.5, 6.4), (1.5, 6.9)):
+        b.lactate(value, hours=hours)
+    add(
+        "ecmo-lactate-rising",
+        "VIS 130 keeps MAP at 70, but lactate stays > 5 mmol/L and rises (5.6 → 6.9) over 6 h: "
+        f"persistent lactacemia for more than 5 h → ECMO-RESCUE eligible. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-lvef-missing", at, age=52)
+    _ecmo_base(b, lvef=None)
+    add(
+        "ecmo-lvef-missing",
+        "Refractory shock for 7.5 h but no LVEF or cardiac index charted (the echo is only a narrative): "
+        f"ECMO-RESCUE possibly eligible — the card asks for an LVEF or a cardiac index. {ecmo_others}",
+        _expect("possibly_eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("ecmo-cardiac-index", at, age=52)
+    _ecmo_base(b, lvef=None)
+    _hourly(b, 4.5, lambda h: _cardiac_index(b, 1.6, hours=h))
+    add(
+        "ecmo-cardiac-index",
+        "No LVEF, but a PiCCO cardiac index of 1.6 L/min/m² for 4 h (> 3 h): myocardial impairment "
+        f"→ ECMO-RESCUE eligible. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    names = [s.patient_id for s in out]
+    assert len(names) == len(set(names)), "scenario patient ids must be unique"
+    return out
+
+
+# -- scenario files -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenarioFile:
+    """A scenario as written to / read from a JSON file."""
+
+    name: str
+    story: str
+    evaluated_at: datetime
+    expected: dict[str, str]
+    bundle: dict[str, Any]
+    path: str = ""
+
+    @property
+    def at(self) -> float:
+        return self.evaluated_at.timestamp()
+
+    def resources(self) -> list[dict[str, Any]]:
+        return [e["resource"] for e in self.bundle.get("entry") or [] if isinstance(e.get("resource"), dict)]
+
+    @property
+    def patient(self) -> dict[str, Any]:
+        return next(r for r in self.resources() if r.get("resourceType") == "Patient")
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.patient["id"])
+
+    def shifted_to(self, at: datetime) -> ScenarioFile:
+        """The same story replayed with ``at`` as its evaluation time."""
+        seconds = (at - self.evaluated_at).total_seconds()
+        return ScenarioFile(
+            self.name,
+            self.story,
+            at,
+            dict(self.expected),
+            shift_bundle_times(self.bundle, seconds),
+            self.path,
+        )
+
+
+class ScenarioFileError(ValueError):
+    """A scenario file that does not follow the format; the message names the file and the key."""
+
+
+def _parse_instant(text: Any, where: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError as exc:
+        raise ScenarioFileError(f"{where}: not an ISO 8601 time: {text!r}") from exc
+    if moment.tzinfo is None:
+        raise ScenarioFileError(f"{where}: needs a time-zone offset (e.g. Z): {text!r}")
+    return moment
+
+
+def load_scenario_file(path: str | Path) -> ScenarioFile:
+    """Read and check a scenario file (format in docs/trials.md, "Scenario files")."""
+    path = Path(path)
+    try:
+        document = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ScenarioFileError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ScenarioFileError(f"{path}: expected a JSON object")
+    for key in ("name", "story", "evaluatedAt", "expected", "bundle"):
+        if key not in document:
+            raise ScenarioFileError(f"{path}: {key}: required")
+    expected = document["expected"]
+    if not isinstance(expected, dict) or not expected:
+        raise ScenarioFileError(f"{path}: expected: a non-empty object NCT id → status")
+    for trial_id, status in expected.items():
+        if status not in STATUSES:
+            raise ScenarioFileError(
+                f"{path}: expected.{trial_id}: {status!r} is not one of {', '.join(STATUSES)}"
+            )
+    bundle = document["bundle"]
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise ScenarioFileError(f"{path}: bundle: must be a FHIR Bundle")
+    scenario = ScenarioFile(
+        name=str(document["name"]),
+        story=str(document["story"]),
+        evaluated_at=_parse_instant(document["evaluatedAt"], f"{path}: evaluatedAt"),
+        expected={str(k): str(v) for k, v in expected.items()},
+        bundle=bundle,
+        path=str(path),
+    )
+    patients = [r for r in scenario.resources() if r.get("resourceType") == "Patient"]
+    if len(patients) != 1:
+        raise ScenarioFileError(f"{path}: bundle: must hold exactly one Patient (found {len(patients)})")
+    return scenario
+
+
+#: FHIR elements holding a dateTime / instant in the resources scenarios use (birthDate is a date of
+#: birth, not an event time: never shifted).
+TIME_ELEMENTS = frozenset(
+    {
+        "effectiveDateTime",
+        "effectiveInstant",
+        "issued",
+        "onsetDateTime",
+        "abatementDateTime",
+        "recordedDate",
+        "authoredOn",
+        "occurrenceDateTime",
+        "dateAsserted",
+        "lastUpdated",
+        "deceasedDateTime",
+    }
+)
+#: Elements of type Period whose start / end are shifted.
+PERIOD_ELEMENTS = frozenset(
+    {"effectivePeriod", "onsetPeriod", "abatementPeriod", "period", "occurrencePeriod"}
+)
+
+
+def _shift_time(text: str, seconds: float) -> str:
+    """Shift one FHIR dateTime/instant, keeping its offset style (Z or ±hh:mm) and precision."""
+    if len(text) <= 7:
+        return text  # a year or year-month: too coarse to shift meaningfully
+    if len(text) == 10:
+        day = datetime.fromisoformat(text).date() + timedelta(days=round(seconds / 86400))
+        return day.isoformat()
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    shifted = moment + timedelta(seconds=seconds)
+    fraction = ""
+    if "." in text[19:]:
+        digits = len(text[20:].split("+")[0].split("-")[0].rstrip("Z"))
+        fraction = "." + f"{shifted.microsecond:06d}"[:digits]
+    offset = shifted.utcoffset() or timedelta(0)
+    if text.endswith("Z"):
+        zone = "Z"
+    else:
+        minutes = int(offset.total_seconds() // 60)
+        sign = "+" if minutes >= 0 else "-"
+        zone = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return shifted.strftime("%Y-%m-%dT%H:%M:%S") + fraction + zone
+
+
+def _shift(node: Any, seconds: float) -> Any:
+    if isinstance(node, list):
+        return [_shift(item, seconds) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in TIME_ELEMENTS and isinstance(value, str):
+            out[key] = _shift_time(value, seconds)
+        elif key in PERIOD_ELEMENTS and isinstance(value, dict):
+            out[key] = {
+                k: (
+                    _shift_time(v, seconds)
+                    if k in ("start", "end") and isinstance(v, str)
+                    else _shift(v, seconds)
+                )
+                for k, v in value.items()
+            }
+        else:
+            out[key] = _shift(value, seconds)
+    return out
+
+
+def shift_bundle_times(bundle: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A copy of ``bundle`` with every event time in its resources moved by ``seconds`` (not birthDate)."""
+    return _shift(copy.deepcopy(bundle), seconds)
+
+
+def write_scenarios(folder: Path, at: datetime) -> list[Path]:
+    """Write every scenario as ``<name>.json`` plus an index ``README.md``; returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    scenarios = all_scenarios(at)
+    for scenario in scenarios:
+        path = folder / f"{scenario.name}.json"
+        path.write_bytes(orjson.dumps(scenario.document(), option=orjson.OPT_INDENT_2) + b"\n")
+        written.append(path)
+    index = folder / "README.md"
+    index.write_text(scenario_index(scenarios, at), encoding="utf-8")
+    written.append(index)
+    return written
+
+
+def expectation_table(rows: list[tuple[str, dict[str, str]]], link: bool = False) -> str:
+    """A Markdown table: scenario → expected status per trial."""
+    trials = [ECMO, IMICRO, MSC]
+    head = "| scenario | " + " | ".join(f"{TRIAL_NAMES[t]} ({t})" for t in trials) + " |"
+    lines = [head, "|---|" + "---|" * len(trials)]
+    for name, expected in rows:
+        label = f"[{name}]({name}.json)" if link else name
+        lines.append(f"| {label} | " + " | ".join(expected.get(t, "—") for t in trials) + " |")
+    return "\n".join(lines)
+
+
+def scenario_index(scenarios: list[Scenario], at: datetime) -> str:
+    """The README written next to the scenario files."""
+    stories = "\n".join(f"- **{s.name}** (`{s.patient_id}`): {s.story}" for s in scenarios)
+    return (
+        "# Scenario patients\n\n"
+        "Generated by `cds-service scenarios write DIR --at TIME` (do not edit by hand). Every file holds\n"
+        "one clinical story as a FHIR transaction Bundle, the time it was written for (`evaluatedAt`)\n"
+        "and the result each trial must give at that time. Check them all — each is evaluated at its own\n"
+        "`evaluatedAt`, since the enrollment windows are relative to septic-shock onset — with\n\n"
+        "```\n"
+        "cds-service scenarios check examples/scenarios\n"
+        "```\n\n"
+        "To see one patient's cards, run `cds-service evaluate --at <evaluatedAt> --explain` on the\n"
+        'file\'s `bundle`. The format is described in docs/trials.md, section "Scenario files".\n\n'
+        f"Evaluation time of these files: **{iso(at)}**.\n\n"
+        + expectation_table([(s.name, s.expected) for s in scenarios], link=True)
+        + "\n\n## Stories\n\n"
+        + stories
+        + "\n"
+    )
+
+
+def hook_request(
+    scenario: Scenario, templates: dict[str, str], fhir_server: str | None = None
+) -> dict[str, Any]:
+    """A full patient-view request with the scenario's data as prefetch, filled from ``templates``
+    (the service's discovery prefetch) the way a CDS client fills them."""
+    b = scenario.builder
+    body: dict[str, Any] = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid5(uuid.NAMESPACE_URL, f"cds-service/scenario/{scenario.name}")),
+        "context": {"userId": "Practitioner/icu-doc-1", "patientId": b.patient_id},
+        "prefetch": b.prefetch(templates),
+    }
+    if fhir_server:
+        body["fhirServer"] = fhir_server
+    return body
+
+
+def write_examples(folder: Path = EXAMPLES_DIR, at: datetime = EXAMPLES_AT) -> list[Path]:
+    """Regenerate ``examples/``: the scenario files, a hook request and a patient Bundle."""
+    from .config import load_settings
+    from .screening import Screener
+
+    written = write_scenarios(folder / "scenarios", at)
+    by_name = {s.name: s for s in all_scenarios(at)}
+    templates = Screener(load_settings(environ={})).plan.templates()
+    request = folder / "hook-request-msc-eligible.json"
+    document = hook_request(by_name["msc-eligible"], templates)
+    request.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    patient = folder / "patient-msc-normal-anc.json"
+    patient.write_bytes(orjson.dumps(by_name["msc-normal-anc"].bundle(), option=orjson.OPT_INDENT_2) + b"\n")
+    return [*written, request, patient]
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _at(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"--at needs a time-zone offset (e.g. {text}Z): {text!r}")
+    return moment.astimezone(UTC)
+
+
+def _bundles(args: argparse.Namespace, at: datetime) -> list[tuple[str, dict[str, Any]]]:
+    if args.files:
+        paths = sorted(Path(args.files).glob("*.json"))
+        return [(s.name, s.shifted_to(at).bundle) for s in (load_scenario_file(p) for p in paths)]
+    return [(s.name, s.bundle()) for s in all_scenarios(at)]
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    at = _at(args.at)
+    written = write_scenarios(Path(args.dir), at)
+    print(f"wrote {len(written) - 1} scenario files and README.md to {args.dir} (evaluatedAt {iso(at)})")
+    return 0
+
+
+def check_files(paths: list[Path], screener: Any, out: Any = None) -> int:
+    """Evaluate scenario files in memory at their ``evaluatedAt``; print one line per scenario and trial.
+
+    Returns the number of mismatches (a trial named in ``expected`` that is not screened counts)."""
+    from .patient_data import RawPatientData
+
+    out = out or sys.stdout
+    mismatches = 0
+    for path in paths:
+        scenario = load_scenario_file(path)
+        others = [r for r in scenario.resources() if r is not scenario.patient]
+        data = RawPatientData(patient=scenario.patient, resources={"bundle": others})
+        outcome = screener.screen(scenario.patient_id, data, scenario.at)
+        got = {r.trial.id: r.status for r in outcome.results}
+        for trial_id, expected in sorted(scenario.expected.items()):
+            status = got.get(trial_id, "not screened")
+            mismatches += status != expected
+            mark = "ok  " if status == expected else "FAIL"
+            out.write(f"{mark} {scenario.name:<34} {trial_id}  expected {expected:<18} got {status}\n")
+    return mismatches
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .screening import Screener
+
+    target = Path(args.path)
+    paths = sorted(target.glob("*.json")) if target.is_dir() else [target]
+    if not paths:
+        print(f"cds-service scenarios check: no *.json scenario files in {target}", file=sys.stderr)
+        return 2
+    try:
+        mismatches = check_files(paths, Screener(load_settings(args.config)))
+    except ScenarioFileError as exc:
+        print(f"cds-service scenarios check: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(paths)} scenario file(s), {mismatches} mismatch(es)")
+    return 1 if mismatches else 0
+
+
+def _wait_for(session: Any, base: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if session.get(f"{base}/metadata", timeout=5).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass  # not up yet
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    at = _at(args.at)
+    base = args.fhir.rstrip("/")
+    session = requests.Session()
+    session.headers.update({"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+    if args.bearer:
+        session.headers["Authorization"] = f"Bearer {args.bearer}"
+    if not _wait_for(session, base, args.wait):
+        print(
+            f"cds-service scenarios load: {base}/metadata did not answer within {args.wait:g} s",
+            file=sys.stderr,
+        )
+        return 2
+    failures = 0
+    bundles = _bundles(args, at)
+    for name, bundle in bundles:
+        response = session.post(base, data=orjson.dumps(bundle), timeout=60)
+        if not response.ok:
+            failures += 1
+            print(f"{name}: HTTP {response.status_code}: {response.text[:300]}", file=sys.stderr)
+    print(f"loaded {len(bundles) - failures} of {len(bundles)} scenario patients into {base} (at {iso(at)})")
+    return 1 if failures else 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``cds-service scenarios write|load``."""
+    parser = subparsers.add_parser(
+        "scenarios", help="write scenario patient files, or load them into a FHIR server"
+    )
+    sub = parser.add_subparsers(dest="scenarios_command", required=True)
+    write = sub.add_parser("write", help="write every scenario as a JSON file plus an index README.md")
+    write.add_argument("dir", help="folder to write into (e.g. examples/scenarios)")
+    write.add_argument("--at", default=None, help="evaluation time, ISO 8601 with offset (default: now)")
+    write.set_defaults(func=cmd_write)
+    load = sub.add_parser("load", help="PUT every scenario patient into a FHIR server (transaction Bundles)")
+    load.add_argument("--fhir", required=True, help="FHIR base URL, e.g. http://localhost:8090/fhir")
+    load.add_argument("--at", default=None, help="evaluation time the stories are built for (default: now)")
+    load.add_argument(
+        "--files",
+        default=None,
+        help="load these scenario files (a folder), shifted to --at, instead of the built-in ones",
+    )
+    load.add_argument("--bearer", default=None, help="bearer token for the FHIR server")
+    load.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the server to answer (default 60)"
+    )
+    load.set_defaults(func=cmd_load)
+    check = sub.add_parser(
+        "check", help="evaluate scenario files in memory at their evaluatedAt and compare with `expected`"
+    )
+    check.add_argument("path", help="a scenario file or a folder of them (e.g. examples/scenarios)")
+    check.add_argument("--config", default=None, help="YAML configuration file (default: $CDS_CONFIG)")
+    check.set_defaults(func=cmd_check)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    paths = write_examples()
+    print(f"regenerated {len(paths)} files under {EXAMPLES_DIR} (evaluatedAt {iso(EXAMPLES_AT)})")

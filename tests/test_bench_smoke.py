@@ -1,0 +1,119 @@
+"""[performance] Smoke run of ``make bench`` at the smallest size: it runs and reports every figure.
+
+No timing is asserted here (a loaded CI machine says nothing about the service): the real figures
+come from ``make bench`` (docs/performance.md). This checks that the benchmark still works end to
+end — generator, in-process hook, the production server over HTTP, the fetch path against the real
+FHIR server (the session's sekmet), the load generator in its own process, the memory probe — and
+that it stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_service import bench
+from tests.fhir_server import FhirTestServer
+
+pytestmark = pytest.mark.fhir
+
+
+def _numbers(results: dict[str, Any]) -> list[Any]:
+    size = results["sizes"]["1000"]
+    return [
+        size["body_mb"],
+        size["body_loads_ms"],
+        size["in_process"]["ms"],
+        size["in_process"]["ratio"],
+        size["in_process"]["ms_per_1000_observations"],
+        size["http"]["ms"],
+        size["http"]["ratio"],
+        size["extraction"]["extract_ms"],
+        size["extraction"]["loads_ms"],
+        size["extraction"]["ratio"],
+        size["fetch"]["gather_ms"],
+        size["fetch"]["slowest_query_ms"],
+        size["fetch"]["ratio"],
+        results["throughput"]["hooks_per_second"],
+        results["throughput"]["p50_ms"],
+        results["throughput"]["p99_ms"],
+        results["memory"]["peak_worker_mb"],
+    ]
+
+
+def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
+    tmp_path: Path, fhir_server: FhirTestServer
+) -> None:
+    lines: list[str] = []
+    results = bench.run(
+        tmp_path,
+        sizes=(1000,),
+        repeat=2,
+        load_seconds=1.5,
+        concurrency=4,
+        fhir=fhir_server,
+        log=lines.append,
+    )
+    for value in _numbers(results):
+        assert isinstance(value, int | float) and value > 0, value
+    throughput = results["throughput"]
+    assert throughput["ok"] > 0 and throughput["errors"] == 0, throughput
+    assert results["sizes"]["1000"]["in_process"]["cards"] >= 1  # the dense patient gets a card
+    fetched = results["sizes"]["1000"]["fetch"]["fetched"]
+    assert fetched["patient"] == 1 and fetched["medicationAdministrations"] == 300
+    assert set(results["verdict"]) == {
+        "prefetch_in_process_ratio",
+        "prefetch_http_ratio",
+        "prefetch_http_p50_ms",
+        "extraction_ratio",
+        "fetch_ratio",
+        "throughput",
+        "peak_worker_memory_mb",
+        "cost_growth",
+    }
+    assert results["machine"]["cores"] and results["machine"]["python"]
+
+    # Both reports are written; the Markdown table has a row for every figure.
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["verdict"] == results["verdict"]
+    table = (tmp_path / "results.md").read_text()
+    for label in (
+        "bare `orjson.loads`",
+        "prefetch hook, in process",
+        "over HTTP",
+        "extraction only",
+        "fetch path: gathering",
+        "slowest single query",
+        "ms per 1 000 Obs",
+        "throughput",
+        "peak resident memory",
+    ):
+        assert label in table, label
+
+    # The bench patient was removed from the shared FHIR server; the service it started is stopped.
+    assert not [p for p in fhir_server.search_all("Patient?_count=1000") if p["id"].startswith("bench-")]
+    assert not [cmd for cmd in _children() if "serve" in cmd and "cds" in cmd], _children()
+
+
+def _children() -> list[str]:
+    """Command lines of this process's living children (Linux /proc)."""
+    pid = os.getpid()
+    commands = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                stat = Path(f"/proc/{child}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                commands.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+    return commands
