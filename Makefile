@@ -7,7 +7,7 @@ SEKMET_VERSION := 0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run install dev fhir-server-env postgres-bin test lint check bench image clean
+.PHONY: run install dev fhir-server-env postgres-bin test lint check bench harness image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ check: install
 
 bench: dev fhir-server-env
 	$(BIN)/python -m cds_service.bench --out bench-results
+
+# Check a deployment end to end: make harness SERVICE=https://cds.example.org FHIR=https://fhir.example.org/r4
+SERVICE ?= http://127.0.0.1:8080
+FHIR ?= http://127.0.0.1:8090/fhir
+harness: install
+	$(BIN)/cds-service harness --service $(SERVICE) --fhir $(FHIR) --mode both --junit harness-junit.xml
 
 # Needs a Docker engine (not available in CI): see docs/deploy.md.
 image:

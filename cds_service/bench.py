@@ -382,6 +382,7 @@ def measure_http(session: requests.Session, url: str, patient: BenchPatient, rep
 
 def load_generator(url: str, body_path: str, seconds: float, concurrency: int, max_requests: int) -> dict:
     """Post the body from ``concurrency`` threads for ``seconds`` (at most ``max_requests`` in all)."""
+    cpu_started = time.process_time()
     body = Path(body_path).read_bytes()
     headers = {"Content-Type": "application/json"}
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
@@ -435,13 +436,34 @@ def load_generator(url: str, body_path: str, seconds: float, concurrency: int, m
         "p50_ms": _ms(percentile(done, 50)) if done else None,
         "p99_ms": _ms(percentile(done, 99)) if done else None,
         "max_ms": _ms(max(done)) if done else None,
+        "generator_cpu_seconds": round(time.process_time() - cpu_started, 2),
     }
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes (Linux /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(
-    url: str, body: bytes, workdir: Path, seconds: float, concurrency: int, max_requests: int = 20000
+    url: str,
+    body: bytes,
+    workdir: Path,
+    seconds: float,
+    concurrency: int,
+    max_requests: int = 20000,
+    server_pids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run :func:`load_generator` in a separate Python process (a subprocess of this one)."""
+    """Run :func:`load_generator` in a separate Python process (a subprocess of this one).
+
+    With ``server_pids``, also report the server's CPU time per hook (robust to a busy machine).
+    """
+    server_cpu = _cpu_seconds(server_pids or [])
     body_path = workdir / "load-body.json"
     body_path.write_bytes(body)
     spec = json.dumps(
@@ -471,7 +493,12 @@ def run_load(
         raise RuntimeError(
             f"load generator failed ({process.returncode}): {err.decode(errors='replace')[-2000:]}"
         )
-    return json.loads(out)
+    result: dict[str, Any] = json.loads(out)
+    if server_pids and result["ok"]:
+        used = _cpu_seconds(server_pids) - server_cpu
+        result["server_cpu_ms_per_hook"] = round(used * 1000 / result["ok"], 2)
+        result["generator_cpu_ms_per_hook"] = round(result["generator_cpu_seconds"] * 1000 / result["ok"], 2)
+    return result
 
 
 # -- fetch path ------------------------------------------------------------------------------------
@@ -665,7 +692,14 @@ def run(
             results["throughput"] = {
                 "observations": load_size,
                 "workers": len(service.worker_pids()),
-                **run_load(service.url, load_body, workdir, load_seconds, concurrency),
+                **run_load(
+                    service.url,
+                    load_body,
+                    workdir,
+                    load_seconds,
+                    concurrency,
+                    server_pids=service.worker_pids(),
+                ),
             }
         except BaseException:
             log(f"bench: service log tail:\n{service.log_tail()}")
@@ -848,6 +882,10 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         row("fetch path: sum of every query alone (ms)", [b["fetch"]["sum_of_queries_ms"] for b in by]),
         row(
+            f"fetch path: within the {by[0]['fetch']['deadline_seconds']:g} s hook deadline",
+            ["yes" if b["fetch"]["within_deadline"] else "**no**" for b in by],
+        ),
+        row(
             "… gathering ÷ slowest query",
             [f"{b['fetch']['ratio']}×" for b in by],
             v["fetch_ratio"]["target"],
@@ -870,7 +908,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"| throughput: {load['workers']} workers, concurrency {load['concurrency']}, {load['seconds']} s, "
         f"{load['observations']} Obs (separate process) | {load['hooks_per_second']} hooks/s, "
         f"p50 {load['p50_ms']} ms, p99 {load['p99_ms']} ms, {load['errors']} errors "
-        f"({load['requests']} requests) | {v['throughput']['target']} | {_mark(v['throughput']['met'])} |",
+        f"({load['requests']} requests; CPU per hook: server {load.get('server_cpu_ms_per_hook', '?')} ms, "
+        f"load generator {load.get('generator_cpu_ms_per_hook', '?')} ms) | {v['throughput']['target']} | "
+        f"{_mark(v['throughput']['met'])} |",
         f"| peak resident memory of a worker at {memory['observations']} Obs (idle: "
         f"{memory['idle_worker_mb']} MB) | {memory['peak_worker_mb']} MB | "
         f"{v['peak_worker_memory_mb']['target']} | {_mark(v['peak_worker_memory_mb']['met'])} |",

@@ -51,7 +51,8 @@ RULES = (
     (
         "`sustained`",
         "beyond the threshold for more than `for_more_than`; a gap over `max_gap` breaks the run; "
-        "`current: true` = still going on now. Going on but not yet long enough: its clock is running",
+        "`current: true` = still going on now. Going on but not yet long enough: its clock is running. "
+        "A computed step series (VIS, from infusion records) holds its last value until now",
     ),
     ("`established`", "a derived input is known (septic-shock onset)"),
     ("`time_since`", "time since a derived time (`min`, `max`)"),
@@ -189,8 +190,9 @@ _SCENARIO_FILES = """## Scenario files
 
 A scenario file is one clinical story and the result each trial must give for it. The shipped ones
 are in `examples/scenarios/` (`cds-service scenarios write DIR [--at TIME]` writes them); a site writes
-its own cases in the same format and runs them with the integration harness or loads them into a FHIR
-server with `cds-service scenarios load --fhir URL --files DIR`.
+its own cases in the same format, checks them in memory with `cds-service scenarios check DIR` (each
+at its `evaluatedAt`), runs them against a deployment with the integration harness, or loads them
+into a FHIR server with `cds-service scenarios load --fhir URL --files DIR`.
 
 ```json
 {{
