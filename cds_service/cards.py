@@ -202,6 +202,7 @@ class CardRenderer:
             "unknown_inclusions": [r for r in unknown if r.criterion.kind == "inclusion"],
             "unknown_exclusions": [r for r in unknown if r.criterion.kind == "exclusion"],
             "to_confirm": result.to_confirm,
+            "pending": result.pending,
             "onset": result.onset,
             "window_opens_at": result.window_opens_at,
             "window_closes_at": result.window_closes_at,

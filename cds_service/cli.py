@@ -103,6 +103,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     screener = Screener(settings)
     document = _load_input(Path(args.file))
     at = args.at if args.at is not None else time.time()
+    if "bundle" in document and "evaluatedAt" in document:
+        # A scenario file: its Bundle, evaluated at its own time unless --at says otherwise.
+        from .scenarios import load_scenario_file
+
+        scenario = load_scenario_file(args.file)
+        at = args.at if args.at is not None else scenario.at
+        document = scenario.bundle
+        print(f"scenario {scenario.name}: expected {scenario.expected}", file=sys.stderr)
     if document.get("resourceType") == "Bundle":
         resources = [e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)]
         patients = [r for r in resources if isinstance(r, dict) and r.get("resourceType") == "Patient"]
@@ -213,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(serve)
     serve.set_defaults(func=cmd_serve)
 
-    evaluate = sub.add_parser("evaluate", help="print the cards for a hook request JSON or a FHIR Bundle")
+    evaluate = sub.add_parser(
+        "evaluate", help="print the cards for a hook request JSON, a FHIR Bundle or a scenario file"
+    )
     evaluate.add_argument("file")
     evaluate.add_argument("--at", type=parse_at, default=None, help="evaluation time, ISO 8601 with offset")
     evaluate.add_argument(

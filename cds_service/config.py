@@ -252,8 +252,10 @@ def load_settings(
         problems = "; ".join(_flatten_errors(validator.errors))
         raise ConfigError(f"{source}: invalid configuration: {problems}")
     if raw["security"]["trusted_clients"] and not raw["server"]["public_url"]:
-        raise ConfigError(f"{source}: server.public_url is required when security.trusted_clients is set "
-                          "(a client's JWT `aud` must equal the exact URL it called)")
+        raise ConfigError(
+            f"{source}: server.public_url is required when security.trusted_clients is set "
+            "(a client's JWT `aud` must equal the exact URL it called)"
+        )
     return Settings(raw=raw, source=source)
 
 

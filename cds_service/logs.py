@@ -168,6 +168,10 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+#: Third-party loggers that write request URLs (patient identifiers) at DEBUG / INFO.
+_URL_LOGGERS = ("urllib3", "requests", "werkzeug", "gunicorn.access")
+
+
 def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
     """Send every log record to ``stream`` (default: standard error) as JSON lines.
 
@@ -185,6 +189,10 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Non
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # HTTP libraries log request URLs at DEBUG, and a FHIR query URL holds the patient id:
+    # keep them at WARNING whatever level the service runs at.
+    for name in _URL_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 def current_hook_instance() -> str | None:

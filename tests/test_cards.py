@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -549,3 +549,18 @@ def test_every_scenario_card_follows_the_rules_and_its_resources_validate(screen
                 model = models[resource["resourceType"]]
                 assert model.model_validate(resource).model_dump(mode="json", exclude_none=True) == resource
     assert {trial for trial, _ in seen} == {MSC, "NCT03788837", "NCT05184296"}
+
+
+def test_upcoming_ecmo_card_lists_what_the_window_waits_for(screener: Screener) -> None:
+    """ECMO-RESCUE needs VIS > 120 for more than 5 h: while that clock runs, the card says so."""
+    from cds_service.scenarios import all_scenarios
+
+    at = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+    (scenario,) = [s for s in all_scenarios(at) if s.name == "ecmo-upcoming"]
+    builder = scenario.builder
+    outcome = screener.screen(
+        builder.patient_id, RawPatientData(builder.patient, {"all": builder.resources}), at.timestamp()
+    )
+    cards = {result.trial.id: card for result, card in screener.cards(outcome)}
+    detail = cards["NCT05184296"]["detail"]
+    assert "Waiting for" in detail and "⏳" in detail

@@ -324,3 +324,18 @@ def test_example_patient_through_the_http_hook(client: FlaskClient) -> None:
     response = client.post(SERVICE_URL, json=hook_body(holder))
     assert response.status_code == 200, response.data
     assert MSC not in [c["source"]["topic"]["code"] for c in response.get_json()["cards"]]
+
+
+def test_cds_service_evaluate_reads_a_scenario_file_at_its_own_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`cds-service evaluate examples/scenarios/X.json` needs no --at: the file says when it happens."""
+    from cds_service.cli import main
+
+    for name in ("msc-eligible", "msc-normal-anc", "ecmo-upcoming"):
+        path = EXAMPLES_DIR / "scenarios" / f"{name}.json"
+        expected = json.loads(path.read_text())["expected"]
+        assert main(["evaluate", str(path)]) == 0
+        cards = json.loads(capsys.readouterr().out)["cards"]
+        shown = {card["source"]["topic"]["code"] for card in cards}
+        assert shown == {trial for trial, status in expected.items() if status in CARD_STATUSES}, name
