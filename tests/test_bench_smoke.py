@@ -64,7 +64,8 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
     assert throughput["ok"] > 0 and throughput["errors"] == 0, throughput
     assert results["sizes"]["1000"]["in_process"]["cards"] >= 1  # the dense patient gets a card
     fetched = results["sizes"]["1000"]["fetch"]["fetched"]
-    assert fetched["patient"] == 1 and fetched["medicationAdministrations"] == 300
+    assert fetched["patient"] == 1
+    assert sum(n for key, n in fetched.items() if "edication" in key) == 300  # the drug chart
     assert set(results["verdict"]) == {
         "prefetch_in_process_ratio",
         "prefetch_http_ratio",

@@ -223,3 +223,15 @@ def test_the_made_up_trial_is_documented_too(data_dir_with_a_fourth_trial: Path)
     table = render_trial_table(Screener(settings))
     assert "### PLT-SHOCK — NCT09999999" in table
     assert "| Heparin-induced thrombocytopenia | exclusion | clinician (checklist) |" in table
+
+
+def test_readme_shows_each_trials_criteria_generated_from_the_trial_files(screener: Screener) -> None:
+    from cds_service.trial_docs import README_BEGIN, README_END, with_readme_section
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert README_BEGIN in readme and README_END in readme
+    assert readme == with_readme_section(readme, screener), (
+        "README is stale: python -m cds_service.trial_docs --readme"
+    )
+    for trial in screener.trials:
+        assert trial.id in readme
