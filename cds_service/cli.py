@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -57,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given_dir or tempfile.mkdtemp(prefix="cds-metrics-"), wipe=True
     )
     app = create_app(settings)  # loads and validates every knowledge file before any worker starts
+    # Objects created at start-up live for the worker's lifetime: keep them out of GC scans.
+    gc.collect()
+    gc.freeze()
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

@@ -6,6 +6,7 @@ copies what it validates. Its shape is read, key by key, by ``patient_data.py``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,18 @@ HOOK_REQUEST_SCHEMA: dict[str, Any] = {
 }
 
 
+_local = threading.local()
+
+
+def _validator() -> Validator:
+    """One validator per thread: building one costs more than validating (cerberus checks the schema),
+    and a validator keeps per-call state, so it must not be shared between threads."""
+    validator = getattr(_local, "validator", None)
+    if validator is None:
+        validator = _local.validator = Validator(HOOK_REQUEST_SCHEMA, allow_unknown=True)
+    return validator
+
+
 @dataclass(frozen=True)
 class HookRequest:
     hook: str
@@ -86,7 +99,7 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     if "prefetch" in body and prefetch is not None and not isinstance(prefetch, dict):
         raise HookError(400, "prefetch: must be an object", ["prefetch"])
     header = {key: value for key, value in body.items() if key != "prefetch"}
-    validator = Validator(HOOK_REQUEST_SCHEMA, allow_unknown=True)
+    validator = _validator()
     if not validator.validate(header):
         problems = _paths(validator.errors)
         text = "; ".join(f"{path}: {message}" for path, message in problems)

@@ -89,7 +89,8 @@ def validated(resource: dict[str, Any]) -> dict[str, Any]:
     problems = list(_unbound_codes(model))
     if problems:
         raise InvalidResource(f"{kind} does not validate: {'; '.join(problems)}")
-    return model.model_dump(mode="json", exclude_none=True)
+    # The JSON we built is exactly what validated; dumping the model again would only cost time.
+    return resource
 
 
 @dataclass(frozen=True)
