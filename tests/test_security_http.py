@@ -190,3 +190,20 @@ def test_trusted_clients_without_public_url_is_refused_at_start(tmp_path: Path) 
 
     with pytest.raises(ConfigError, match="public_url"):
         make_settings(tmp_path, security={"trusted_clients": {SANDBOX_ISSUER: {"jwks_file": "x.json"}}})
+
+
+def test_readme_trust_configuration_is_valid() -> None:
+    """The README's sandbox / Epic / Oracle Health example is a configuration the service accepts."""
+    import re
+
+    import yaml
+
+    from cds_service.auth import JwtVerifier
+    from cds_service.config import PROJECT_ROOT, load_settings
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "trusted_clients:\n    " in b]
+    assert len(blocks) == 1
+    settings = load_settings(environ={}, overrides=yaml.safe_load(blocks[0]))
+    verifier = JwtVerifier(settings.section("security"), lambda key, expires: True)
+    assert {"https://sandbox.cds-hooks.org", "https://cds-hooks.cerner.com"} <= set(verifier.issuers)
