@@ -15,6 +15,7 @@ import orjson
 from cerberus import Validator
 from flask import Blueprint, Response, current_app, request
 
+from .datafiles import dotted_errors
 from .errors import HookError, outcome_response
 from .fhir_client import DataUnavailable
 from .hook_request import UUID_PATTERN, parse_hook_request
@@ -234,9 +235,7 @@ def feedback(service_id: str) -> Response:
             raise HookError(400, "the feedback body must be a JSON object")
         validator = Validator(FEEDBACK_SCHEMA, allow_unknown=True)
         if not validator.validate(body):
-            from .hook_request import _paths
-
-            problems = _paths(validator.errors)
+            problems = dotted_errors(validator.errors)
             raise HookError(
                 400,
                 "invalid feedback: " + "; ".join(f"{p}: {m}" for p, m in problems),

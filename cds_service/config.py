@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from cerberus import Validator
 
+from .datafiles import dotted_errors
+
 #: The repository root: the shipped data folders (mappings/, trials/, cards/) live here.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,7 +251,7 @@ def load_settings(
         raw = _merge(raw, overrides)
     validator = Validator(SCHEMA)
     if not validator.validate(raw):
-        problems = "; ".join(_flatten_errors(validator.errors))
+        problems = "; ".join(f"{path}: {message}" for path, message in dotted_errors(validator.errors))
         raise ConfigError(f"{source}: invalid configuration: {problems}")
     if raw["security"]["trusted_clients"] and not raw["server"]["public_url"]:
         raise ConfigError(
@@ -257,15 +259,3 @@ def load_settings(
             "(a client's JWT `aud` must equal the exact URL it called)"
         )
     return Settings(raw=raw, source=source)
-
-
-def _flatten_errors(errors: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for key, value in errors.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict):
-                out.extend(_flatten_errors(item, path))
-            else:
-                out.append(f"{path}: {item}")
-    return out

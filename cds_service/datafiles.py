@@ -52,17 +52,23 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _flatten(errors: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str]]:
+def flatten_errors(errors: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str]]:
+    """Cerberus's nested error tree → (key path, message) pairs, one per problem."""
     out: list[tuple[tuple[Any, ...], str]] = []
     if isinstance(errors, dict):
         for key, value in errors.items():
-            out.extend(_flatten(value, (*path, key)))
+            out.extend(flatten_errors(value, (*path, key)))
     elif isinstance(errors, list):
         for item in errors:
-            out.extend(_flatten(item, path))
+            out.extend(flatten_errors(item, path))
     else:
         out.append((path, str(errors)))
     return out
+
+
+def dotted_errors(errors: Any) -> list[tuple[str, str]]:
+    """(``context.patientId``, message) pairs: the field paths an API error names."""
+    return [(".".join(str(part) for part in path), message) for path, message in flatten_errors(errors)]
 
 
 def _key_text(path: tuple[Any, ...]) -> str:
@@ -108,7 +114,7 @@ def validate(loaded: LoadedFile, schema: dict[str, Any], validator_class: type[V
     validator = validator_class(schema)
     if validator.validate(loaded.data):
         return validator.document
-    problems = [loaded.problem(path, message) for path, message in _flatten(validator.errors)]
+    problems = [loaded.problem(path, message) for path, message in flatten_errors(validator.errors)]
     raise DataFileError(problems)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from cerberus import Validator
 
+from .datafiles import dotted_errors
 from .errors import HookError
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -79,18 +80,6 @@ class HookRequest:
         return f"HookRequest(hook={self.hook!r}, hook_instance={self.hook_instance!r})"
 
 
-def _paths(errors: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for key, value in errors.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        for item in value:
-            if isinstance(item, dict):
-                out.extend(_paths(item, path))
-            else:
-                out.append((path, str(item)))
-    return out
-
-
 def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     """Validate a decoded JSON body; raise HookError(400) naming each bad field."""
     if not isinstance(body, dict):
@@ -101,7 +90,7 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     header = {key: value for key, value in body.items() if key != "prefetch"}
     validator = _validator()
     if not validator.validate(header):
-        problems = _paths(validator.errors)
+        problems = dotted_errors(validator.errors)
         text = "; ".join(f"{path}: {message}" for path, message in problems)
         raise HookError(400, f"invalid hook request: {text}", sorted({path for path, _ in problems}))
     if body["hook"] != expected_hook:

@@ -132,6 +132,27 @@ class ScreeningLogRow:
     outcome_time: float | None = None
 
 
+def _override_info(
+    card_uuid: str,
+    status: str,
+    outcome_ts: float,
+    code: str | None,
+    display: str | None,
+    comment: str | None,
+    outcome: str = "overridden",
+) -> OverrideInfo:
+    """An override (or referral) row of the store's queries."""
+    return OverrideInfo(
+        card_uuid=card_uuid,
+        status=status,
+        time=float(outcome_ts),
+        reason_code=code,
+        reason_display=display,
+        user_comment=comment,
+        outcome=outcome,
+    )
+
+
 def _reason_text(code: str | None, display: str | None, comment: str | None) -> str | None:
     base = display or code
     if comment:
@@ -525,34 +546,13 @@ class Store(ABC):
     def last_override(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
         """The most recent override (outcome time >= ``since``) of any card for this patient and trial."""
         rows = self._read(_LAST_OVERRIDE, (patient_id, trial_id, float(since)))
-        if not rows:
-            return None
-        card_uuid, status, outcome_ts, code, display, comment = rows[0]
-        return OverrideInfo(
-            card_uuid=card_uuid,
-            status=status,
-            time=float(outcome_ts),
-            reason_code=code,
-            reason_display=display,
-            user_comment=comment,
-        )
+        return _override_info(*rows[0]) if rows else None
 
     def last_override_or_referral(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
         """The latest override, or acceptance recorded as a referral (reason code :data:`REFERRAL_REASON`),
         with outcome time >= ``since``, of any card for this patient and trial."""
         rows = self._read(_LAST_OVERRIDE_OR_REFERRAL, (patient_id, trial_id, float(since), REFERRAL_REASON))
-        if not rows:
-            return None
-        card_uuid, status, outcome_ts, code, display, comment, outcome = rows[0]
-        return OverrideInfo(
-            card_uuid=card_uuid,
-            status=status,
-            time=float(outcome_ts),
-            reason_code=code,
-            reason_display=display,
-            user_comment=comment,
-            outcome=outcome,
-        )
+        return _override_info(*rows[0]) if rows else None
 
     # -- JWT replay cache -----------------------------------------------------------------------
 
