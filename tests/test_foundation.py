@@ -167,3 +167,16 @@ def test_feedback_is_stored_idempotently(client: FlaskClient, app, now: datetime
 def test_health(client: FlaskClient) -> None:
     body = client.get("/health").get_json()
     assert body["status"] == "ok" and "NCT01849237" in body["trials"]
+
+
+def test_readme_configuration_block_lists_every_setting_with_its_default() -> None:
+    """The README's configuration reference cannot drift from config.DEFAULTS."""
+    import re
+
+    import yaml
+
+    from cds_service.config import DEFAULTS, PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if b.startswith("server:\n  host")]
+    assert yaml.safe_load(block) == DEFAULTS
