@@ -20,7 +20,7 @@ from fhir.resources.R4B.patient import Patient
 from pydantic import ValidationError
 
 from .facts import AdministrationFact, ConditionFact, ObservationFact, PatientFacts, UnusableValue, parse_time
-from .knowledge import UCUM, Knowledge
+from .knowledge import UCUM, Conversion, Knowledge
 
 _IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 _IGNORED_ADMINISTRATION_STATUS = frozenset({"entered-in-error", "not-done", "cancelled"})
@@ -45,7 +45,7 @@ class _Extractor:
     def __init__(self, knowledge: Knowledge, facts: PatientFacts):
         self.k = knowledge
         self.facts = facts
-        self._conversion_cache: dict[tuple[str, str], tuple[float, float, str] | str] = {}
+        self._conversion_cache: dict[tuple[str, str], tuple[Conversion, str] | str] = {}
         # Per-call memos for the hot path (benchmark: 20 000 Observations, see docs/performance.md).
         self._times: dict[str, float | None] = {}  # dateTime text → epoch (vitals share their times)
         self._codes: dict[tuple[Any, Any], tuple[str, Any, Any]] = {}  # (system, code) → key, input, panel
@@ -54,13 +54,13 @@ class _Extractor:
         self._notes: dict[tuple[str, float, float], str] = {}  # panel code, S, D → derived-mean note
 
     # -- values -----------------------------------------------------------------------------------
-    def _convert(self, input_name: str, code: str, unit: str) -> tuple[float, float, str] | str:
-        """(factor, divisor, the charted unit to name in a note or "") — or why the value is unusable."""
+    def _convert(self, input_name: str, code: str, unit: str) -> tuple[Conversion, str] | str:
+        """(the conversion, the charted unit to name in a note or "") — or why the value is unusable."""
         key = (code, unit)
         cached = self._conversion_cache.get(key)
         if cached is not None:
             return cached
-        result: tuple[float, float, str] | str
+        result: tuple[Conversion, str] | str
         if not self.k.accepts_unit(code, unit):
             accepted = ", ".join(sorted(self.k.observation_units.get(code, ())))
             result = f"unit {unit!r} not accepted for {code} (accepted: {accepted})"
@@ -70,7 +70,7 @@ class _Extractor:
                 result = f"unknown unit {unit!r}"
             else:
                 same = conversion.factor == 1.0 and conversion.divisor == 1.0
-                result = (conversion.factor, conversion.divisor, "" if same else unit)
+                result = (conversion, "" if same else unit)
         self._conversion_cache[key] = result
         return result
 
@@ -107,7 +107,7 @@ class _Extractor:
         if isinstance(converted, str):
             self.facts.unusable.append(UnusableValue(input_name, ref, code, converted))
             return None
-        factor, divisor, charted_unit = converted
+        conversion, charted_unit = converted
         if charted_unit:
             conversion_note = f"converted from {value:g} {charted_unit}"
             note = f"{note}; {conversion_note}" if note else conversion_note
@@ -117,8 +117,9 @@ class _Extractor:
             # lactate > 2 with ">20"), and the note keeps the censoring visible on the card.
             charted = f"charted as {comparator}{value:g}"
             note = f"{note}; {charted}" if note else charted
-        converted_value = float(value) * factor / divisor if divisor != 1.0 else float(value) * factor
-        return ObservationFact(input_name, time, converted_value, item.canonical_unit, ref, code, note)
+        return ObservationFact(
+            input_name, time, conversion.apply(float(value)), item.canonical_unit, ref, code, note
+        )
 
     def _coded_fact(
         self, input_name: str, holder: dict[str, Any], time: float, ref: str, code: str
@@ -187,7 +188,7 @@ class _Extractor:
         ):
             return None
         converted = self._conversion_cache.get((code, unit)) or self._convert(item.name, code, unit)
-        if type(converted) is not tuple or converted[2]:
+        if type(converted) is not tuple or converted[1]:  # not usable, or needs converting
             return None
         fact = (item.name, time, float(value), item.canonical_unit, ref, code, note)
         return _new_fact(ObservationFact, fact)  # type: ignore[no-any-return]
