@@ -56,7 +56,7 @@ check: install
 	$(BIN)/cds-service check
 
 bench: dev fhir-server-env
-	$(BIN)/python -m cds_service.bench --out bench-results
+	$(BIN)/python -m cds_service.tools.bench --out bench-results
 
 # Check a deployment end to end: make harness SERVICE=https://cds.example.org FHIR=https://fhir.example.org/r4
 SERVICE ?= http://127.0.0.1:8080

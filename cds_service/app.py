@@ -7,11 +7,11 @@ import logging
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
-from .api import bp
-from .config import Settings, load_settings
-from .errors import outcome_response
-from .logs import configure_logging
-from .metrics import Metrics
+from .base.config import Settings, load_settings
+from .base.errors import outcome_response
+from .base.logs import configure_logging
+from .base.metrics import Metrics
+from .protocol.api import bp
 from .screening import Screener
 from .service import ServiceState
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from .config import ConfigError, Settings, load_settings
-from .datafiles import DataFileError
+from .base.config import ConfigError, Settings, load_settings
+from .base.datafiles import DataFileError
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -44,8 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gunicorn.app.base import BaseApplication
 
-    from . import metrics as prometheus
     from .app import create_app
+    from .base import metrics as prometheus
 
     settings = _settings(args, server__host=args.host, server__port=args.port, server__workers=args.workers)
     server = settings.section("server")
@@ -98,9 +98,9 @@ def _load_input(path: Path) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .fhir_client import DataUnavailable, FhirClient
-    from .hook_request import parse_hook_request
-    from .patient_data import RawPatientData, gather
+    from .patient_data.fhir_client import DataUnavailable, FhirClient
+    from .patient_data.gather import RawPatientData, gather
+    from .patient_data.hook_request import parse_hook_request
     from .screening import Screener
 
     settings = _settings(args)
@@ -109,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     at = args.at if args.at is not None else time.time()
     if "bundle" in document and "evaluatedAt" in document:
         # A scenario file: its Bundle, evaluated at its own time unless --at says otherwise.
-        from .scenarios import load_scenario_file
+        from .tools.scenarios import load_scenario_file
 
         scenario = load_scenario_file(args.file)
         at = args.at if args.at is not None else scenario.at
@@ -149,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _explain(result: Any) -> dict[str, Any]:
-    from .facts import format_time
+    from .base.facts import format_time
 
     return {
         "trial": result.trial.id,
@@ -255,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(log)
     log.set_defaults(func=cmd_screening_log)
     # Subcommands defined next to the code they drive (each module has `register(subparsers)`):
-    from .scenarios import register as register_scenarios
+    from .tools.scenarios import register as register_scenarios
 
     register_scenarios(sub)
-    from . import harness
+    from .tools import harness
 
     harness.register(sub)
     return parser

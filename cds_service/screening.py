@@ -10,15 +10,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .cards import CardRenderer
-from .config import Settings
-from .derived import ClinicalInputs, derive_inputs, load_derivation_params
-from .evaluation import TrialResult, evaluate_trial
-from .extract import extract
-from .facts import PatientFacts
-from .knowledge import Knowledge, load_knowledge
-from .patient_data import PrefetchPlan, RawPatientData, build_prefetch_plan
-from .trials import Trial, load_trials
+from .base.config import Settings
+from .base.facts import PatientFacts
+from .cards.render import CardRenderer
+from .clinical.derived import ClinicalInputs, derive_inputs, load_derivation_params
+from .clinical.evaluation import TrialResult, evaluate_trial
+from .knowledge.mappings import Knowledge, load_knowledge
+from .knowledge.trials import Trial, load_trials
+from .patient_data.extract import extract
+from .patient_data.gather import PrefetchPlan, RawPatientData, build_prefetch_plan
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ import threading
 import time
 from typing import Any
 
-from .config import Settings
-from .errors import HookError
-from .evaluation import ELIGIBLE, POSSIBLY, TrialResult
-from .fhir_client import FhirClient
-from .hook_request import HookRequest
-from .metrics import Metrics
-from .patient_data import gather
-from .referral import referral_suggestion_uuid
+from .base.config import Settings
+from .base.errors import HookError
+from .base.metrics import Metrics
+from .cards.referral import referral_suggestion_uuid
+from .clinical.evaluation import ELIGIBLE, POSSIBLY, TrialResult
+from .patient_data.fhir_client import FhirClient
+from .patient_data.gather import gather
+from .patient_data.hook_request import HookRequest
 from .screening import Screener
 from .store import REFERRAL_REASON, Feedback, IssuedCard, OverrideInfo, Store, open_store
 
@@ -40,7 +40,7 @@ class ServiceState:
         self._store: Store | None = None
         self.verifier: Any = None
         if settings.auth_enabled:
-            from .auth import JwtVerifier
+            from .protocol.auth import JwtVerifier
 
             self.verifier = JwtVerifier(settings.section("security"), self._remember_jti)
 

@@ -24,7 +24,7 @@ import urllib.request
 def own_health_url() -> str:
     """``http://127.0.0.1:<server.port>/health`` for the service in this container."""
     try:
-        from cds_service.config import load_settings
+        from cds_service.base.config import load_settings
 
         port = int(load_settings().section("server")["port"])
     except Exception:  # a broken configuration also stops the service: report it unhealthy below

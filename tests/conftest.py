@@ -14,10 +14,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cds_service.app import create_app
-from cds_service.card_rules import response_problems
-from cds_service.config import Settings, load_settings
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.base.config import Settings, load_settings
 from cds_service.screening import Screener
+from cds_service.tools.card_rules import response_problems
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.fhir_server import *  # noqa: F403
 from tests.pg_server import *  # noqa: F403
 

@@ -1,4 +1,4 @@
-"""JWT verification of CDS clients (cds_service.auth) against real keys and a real local JWKS server.
+"""JWT verification of CDS clients (cds_service.protocol.auth) against real keys and a real local JWKS server.
 
 Keys are generated with `cryptography`; key sets are published as files and by a small HTTP server on
 127.0.0.1, so the jwks_file, jwks_url and jku paths all run for real. A second "capturing" server
@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cds_service.auth import AuthError, JwtVerifier, replay_key, url_under_prefix
-from cds_service.config import ConfigError
+from cds_service.base.config import ConfigError
+from cds_service.protocol.auth import AuthError, JwtVerifier, replay_key, url_under_prefix
 
 NOW = 1_750_000_000.0
 AUDIENCE = "https://cds.example.org/cds-services/septic-shock-trials"

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from cds_service import bench
-from tests.fhir_server import FhirTestServer
+from cds_service.tools import bench
+from cds_service.tools.fhir_server import FhirTestServer
 
 pytestmark = pytest.mark.fhir
 

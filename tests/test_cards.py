@@ -15,15 +15,9 @@ from fhir.resources.R4B.researchsubject import ResearchSubject
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from flask.testing import FlaskClient
 
-from cds_service.card_rules import card_problems, response_problems
-from cds_service.cards import SUMMARY_LIMIT, CardRenderer, duration, fit_summary
-from cds_service.config import PROJECT_ROOT, load_settings
-from cds_service.criteria import CONFIRM, MET, NOT_MET, UNKNOWN
-from cds_service.datafiles import DataFileError
-from cds_service.derived import Derived, Evidence
-from cds_service.evaluation import ELIGIBLE, POSSIBLY, UPCOMING, CriterionResult, TrialResult
-from cds_service.patient_data import RawPatientData
-from cds_service.referral import (
+from cds_service.base.config import PROJECT_ROOT, load_settings
+from cds_service.base.datafiles import DataFileError
+from cds_service.cards.referral import (
     CLINICALTRIALS_SYSTEM,
     InvalidResource,
     ReferralRequest,
@@ -31,9 +25,15 @@ from cds_service.referral import (
     service_request,
     validated,
 )
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.cards.render import SUMMARY_LIMIT, CardRenderer, duration, fit_summary
+from cds_service.clinical.derived import Derived, Evidence
+from cds_service.clinical.evaluation import ELIGIBLE, POSSIBLY, UPCOMING, CriterionResult, TrialResult
+from cds_service.knowledge.criteria_language import CONFIRM, MET, NOT_MET, UNKNOWN
+from cds_service.knowledge.trials import Criterion, Trial
+from cds_service.patient_data.gather import RawPatientData
 from cds_service.screening import Screener
-from cds_service.trials import Criterion, Trial
+from cds_service.tools.card_rules import card_problems, response_problems
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, hook_body, make_settings
 
 MSC = "NCT01849237"
@@ -460,7 +460,7 @@ def test_a_template_failing_at_render_time_falls_back_to_the_default_wording(
     (data_dir / "cards" / "NCT09999993.yaml").write_text("summary:\n  eligible: '{{ trail.short_name }}'\n")
     renderer = CardRenderer(data_dir, load_settings(environ={}).section("screening"))
     trial = synthetic_trial("NCT09999993", "TYPO", ("shock",))
-    with caplog.at_level(logging.ERROR, logger="cds_service.cards"):
+    with caplog.at_level(logging.ERROR, logger="cds_service.cards.render"):
         card = renderer.render(synthetic_result(trial, ELIGIBLE, {"shock": "MAP 58 mmHg"}), patient_id="p1")
     assert card["summary"].startswith("TYPO (NCT09999993) candidate: MAP 58 mmHg")
     assert "NCT09999993" in caplog.text
@@ -537,7 +537,7 @@ def test_hook_responses_carry_complete_cards(client: FlaskClient, now: datetime)
 
 def test_every_scenario_card_follows_the_rules_and_its_resources_validate(screener: Screener) -> None:
     """The shipped scenario patients (all three trials): every card, every suggested resource."""
-    scenarios = pytest.importorskip("cds_service.scenarios")
+    scenarios = pytest.importorskip("cds_service.tools.scenarios")
     models = {"ServiceRequest": ServiceRequest, "ResearchSubject": ResearchSubject}
     seen: set[tuple[str, str]] = set()
     for scenario in scenarios.all_scenarios(scenarios.EXAMPLES_AT):
@@ -553,7 +553,7 @@ def test_every_scenario_card_follows_the_rules_and_its_resources_validate(screen
 
 def test_upcoming_ecmo_card_lists_what_the_window_waits_for(screener: Screener) -> None:
     """ECMO-RESCUE needs VIS > 120 for more than 5 h: while that clock runs, the card says so."""
-    from cds_service.scenarios import all_scenarios
+    from cds_service.tools.scenarios import all_scenarios
 
     at = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
     (scenario,) = [s for s in all_scenarios(at) if s.name == "ecmo-upcoming"]

@@ -8,25 +8,22 @@ from typing import Any
 
 import pytest
 
-from cds_service.config import PROJECT_ROOT
-from cds_service.criteria import (
+from cds_service.base.config import PROJECT_ROOT
+from cds_service.base.datafiles import DataFileError
+from cds_service.base.facts import ConditionFact, ObservationFact, PatientFacts
+from cds_service.clinical.criteria import RuleResult, combine_all, combine_any, evaluate_rule
+from cds_service.clinical.derived import HOUR, ClinicalInputs, Derived, Evidence
+from cds_service.knowledge.criteria_language import (
     CONFIRM,
     MET,
     NOT_MET,
     UNKNOWN,
-    RuleResult,
-    combine_all,
-    combine_any,
     describe_rule,
-    evaluate_rule,
     parse_duration,
     rule_can_confirm,
 )
-from cds_service.datafiles import DataFileError
-from cds_service.derived import HOUR, ClinicalInputs, Derived, Evidence
-from cds_service.facts import ConditionFact, ObservationFact, PatientFacts
-from cds_service.knowledge import load_knowledge
-from cds_service.trials import load_trial
+from cds_service.knowledge.mappings import load_knowledge
+from cds_service.knowledge.trials import load_trial
 
 AT = 1_800_000_000.0
 

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
+from cds_service.base.config import DEFAULTS, load_settings
+from cds_service.base.metrics import Metrics
 from cds_service.cli import build_parser
-from cds_service.config import DEFAULTS, load_settings
-from cds_service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

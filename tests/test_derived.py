@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from cds_service.config import PROJECT_ROOT
-from cds_service.derived import (
+from cds_service.base.config import PROJECT_ROOT
+from cds_service.base.facts import ObservationFact, PatientFacts
+from cds_service.clinical.derived import (
     age_years,
     body_weight,
     derive_inputs,
@@ -24,10 +25,9 @@ from cds_service.derived import (
     trend_holds,
     vis_series,
 )
-from cds_service.extract import extract
-from cds_service.facts import ObservationFact, PatientFacts
-from cds_service.knowledge import Knowledge, load_knowledge
-from cds_service.scenario_builder import ICD10CM, RXNORM, SNOMED, UCUM, PatientBuilder
+from cds_service.knowledge.mappings import Knowledge, load_knowledge
+from cds_service.patient_data.extract import extract
+from cds_service.tools.scenario_builder import ICD10CM, RXNORM, SNOMED, UCUM, PatientBuilder
 
 AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 T = AT.timestamp()

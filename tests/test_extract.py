@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from cds_service.config import PROJECT_ROOT
-from cds_service.extract import extract
-from cds_service.facts import PatientFacts, parse_time
-from cds_service.knowledge import Knowledge, load_knowledge
-from cds_service.scenario_builder import LOINC, RXNORM, SNOMED, UCUM, PatientBuilder
+from cds_service.base.config import PROJECT_ROOT
+from cds_service.base.facts import PatientFacts, parse_time
+from cds_service.knowledge.mappings import Knowledge, load_knowledge
+from cds_service.patient_data.extract import extract
+from cds_service.tools.scenario_builder import LOINC, RXNORM, SNOMED, UCUM, PatientBuilder
 
 AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 T = AT.timestamp()

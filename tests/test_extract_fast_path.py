@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from cds_service import extract as extract_module
-from cds_service.config import PROJECT_ROOT
-from cds_service.extract import extract
-from cds_service.facts import PatientFacts
-from cds_service.icu_generator import icu_patient
-from cds_service.knowledge import Knowledge, load_knowledge
-from cds_service.scenario_builder import LOINC, UCUM, PatientBuilder
+from cds_service.base.config import PROJECT_ROOT
+from cds_service.base.facts import PatientFacts
+from cds_service.knowledge.mappings import Knowledge, load_knowledge
+from cds_service.patient_data import extract as extract_module
+from cds_service.patient_data.extract import extract
+from cds_service.tools.icu_generator import icu_patient
+from cds_service.tools.scenario_builder import LOINC, UCUM, PatientBuilder
 
 AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

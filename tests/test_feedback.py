@@ -21,10 +21,10 @@ from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
 from cds_service.app import create_app
-from cds_service.card_rules import response_problems
-from cds_service.config import PROJECT_ROOT
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.base.config import PROJECT_ROOT
 from cds_service.store import open_store
+from cds_service.tools.card_rules import response_problems
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 MSC = "NCT01849237"

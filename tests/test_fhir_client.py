@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cds_service.config import DEFAULTS
-from cds_service.fhir_client import DataUnavailable, FhirClient, ServerNotAllowed, _inside
+from cds_service.base.config import DEFAULTS
+from cds_service.patient_data.fhir_client import DataUnavailable, FhirClient, ServerNotAllowed, _inside
+from cds_service.tools.fhir_server import FhirTestServer
 from tests.fault_server import Behaviour, FaultServer, refused_url
-from tests.fhir_server import FhirTestServer
 
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -363,7 +363,7 @@ def test_faults_raise_data_unavailable_in_time(
     deadline_seconds = 0.6
     started = time.monotonic()
     with (
-        caplog.at_level(logging.WARNING, logger="cds_service.fhir_client"),
+        caplog.at_level(logging.WARNING, logger="cds_service.patient_data.fhir_client"),
         pytest.raises(DataUnavailable) as caught,
     ):
         _call(kind, client, fault_server.base_url, deadline_in(deadline_seconds))

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from flask.testing import FlaskClient
 
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, hook_body
 
 
@@ -175,7 +175,7 @@ def test_readme_configuration_block_lists_every_setting_with_its_default() -> No
 
     import yaml
 
-    from cds_service.config import DEFAULTS, PROJECT_ROOT
+    from cds_service.base.config import DEFAULTS, PROJECT_ROOT
 
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if b.startswith("server:\n  host")]

@@ -1,4 +1,4 @@
-"""The integration harness (cds_service.harness) against the service served over real HTTP and the real
+"""The integration harness (cds_service.tools.harness) against the service served over real HTTP and the real
 FHIR server (sekmet): shipped scenarios in both modes, a deliberately broken trial file, JWT signing,
 JUnit XML, clean-up, and the id safety rules."""
 
@@ -24,9 +24,10 @@ from werkzeug.serving import make_server
 
 from cds_service import cli
 from cds_service.app import create_app
-from cds_service.auth import AuthError, JwtVerifier
-from cds_service.config import PROJECT_ROOT, Settings
-from cds_service.harness import (
+from cds_service.base.config import PROJECT_ROOT, Settings
+from cds_service.protocol.auth import AuthError, JwtVerifier
+from cds_service.tools.fhir_server import FhirTestServer
+from cds_service.tools.harness import (
     HARNESS_TAG,
     JWT_LIFETIME_SECONDS,
     Harness,
@@ -38,10 +39,9 @@ from cds_service.harness import (
     run_harness,
     service_base,
 )
-from cds_service.scenario_builder import PatientBuilder
-from cds_service.scenarios import all_scenarios
+from cds_service.tools.scenario_builder import PatientBuilder
+from cds_service.tools.scenarios import all_scenarios
 from tests.conftest import make_settings
-from tests.fhir_server import FhirTestServer
 
 MSC = "NCT01849237"
 ISSUER = "https://harness.test.example.org"
@@ -453,7 +453,7 @@ def test_keep_leaves_tagged_data_and_a_rerun_reuses_it(fhir_server: FhirTestServ
 
 
 def test_card_rules_topic_and_skips_are_checked_per_trial(tmp_path: Path) -> None:
-    from cds_service.harness import CallResult
+    from cds_service.tools.harness import CallResult
 
     builder = PatientBuilder("cdsh-unit", datetime.now(UTC))
     other = "NCT00000001"

@@ -21,12 +21,20 @@ import pytest
 import yaml
 
 from cds_service import cli
-from cds_service.config import PROJECT_ROOT, load_settings
-from cds_service.datafiles import DataFileError
-from cds_service.knowledge import ICD10CM, LOINC, RXNORM, SNOMED, CodeRow, Knowledge, load_knowledge
-from cds_service.patient_data import RawPatientData
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.base.config import PROJECT_ROOT, load_settings
+from cds_service.base.datafiles import DataFileError
+from cds_service.knowledge.mappings import (
+    ICD10CM,
+    LOINC,
+    RXNORM,
+    SNOMED,
+    CodeRow,
+    Knowledge,
+    load_knowledge,
+)
+from cds_service.patient_data.gather import RawPatientData
 from cds_service.screening import Screener
+from cds_service.tools.scenario_builder import PatientBuilder
 
 CLINICAL_KNOWLEDGE = Path(__file__).resolve().parents[2] / "shared/reference/clinical-knowledge.md"
 KNOWLEDGE_DOC = PROJECT_ROOT / "docs/knowledge.md"

@@ -22,8 +22,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cds_service.app import create_app
-from cds_service.logs import configure_logging
-from cds_service.scenarios import all_scenarios
+from cds_service.base.logs import configure_logging
+from cds_service.tools.scenarios import all_scenarios
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 PUBLIC_URL = "http://localhost"

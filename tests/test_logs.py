@@ -1,4 +1,4 @@
-"""Structured logging (cds_service.logs): JSON lines, correlation id, credential redaction."""
+"""Structured logging (cds_service.base.logs): JSON lines, correlation id, credential redaction."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cds_service.logs import (
+from cds_service.base.logs import (
     REDACTED,
     RedactingFilter,
     configure_logging,
@@ -126,7 +126,7 @@ def test_foreign_handlers_are_left_alone(root_state: None) -> None:
 
 
 def test_hook_instance_present_inside_the_context_only(stream: io.StringIO) -> None:
-    log = logging.getLogger("cds_service.api")
+    log = logging.getLogger("cds_service.protocol.api")
     log.info("before")
     with hook_context("d1577c69-dfbe-44ad-ba6d-3e05e953b2ea") as value:
         assert value == current_hook_instance() == "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea"
@@ -229,7 +229,7 @@ def test_redact_scrubs_credentials(text: str, secret: str) -> None:
     "text",
     [
         "issuer https://sandbox.cds-hooks.org unknown",
-        "module cds_service.patient_data.gather took 12.5 ms",
+        "module cds_service.patient_data.gather.gather took 12.5 ms",
         "authorization failed: unknown issuer",
         "trial NCT01234567 evaluated; Observation/abc-123 used",
         "version 1.2.3 of fhir.resources",

@@ -27,13 +27,13 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cds_service.app import create_app
-from cds_service.evaluation import CARD_STATUSES
-from cds_service.fhir_client import FhirClient
-from cds_service.metrics import MAX_SERVICE_LABELS
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.base.metrics import MAX_SERVICE_LABELS
+from cds_service.clinical.evaluation import CARD_STATUSES
+from cds_service.patient_data.fhir_client import FhirClient
+from cds_service.tools.fhir_server import FhirTestServer, die_with_parent, free_port
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 from tests.fault_server import FaultServer
-from tests.fhir_server import FhirTestServer, _die_with_parent, free_port
 
 SERVICE = "septic-shock-trial-screening"
 MSC = "NCT01849237"
@@ -231,7 +231,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     base = f"http://127.0.0.1:{port}"
     try:

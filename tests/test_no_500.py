@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cds_service.app import create_app
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 ALLOWED_STATUSES = {200, 400, 404, 412, 413}

@@ -17,7 +17,7 @@ import requests
 from flask import Flask
 
 from cds_service.app import create_app
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 from tests.fault_server import FaultServer, refused_url
 

@@ -38,9 +38,9 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cds_service.app import create_app
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.tools.fhir_server import FhirTestServer
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import CardCheckingClient, make_settings
-from tests.fhir_server import FhirTestServer
 
 PUBLIC_URL = "https://cds.example-hospital.org"  # server.public_url: what the browser calls
 SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"

@@ -18,9 +18,10 @@ from flask.testing import FlaskClient
 
 from cds_service.app import create_app
 from cds_service.cli import main as cli_main
-from cds_service.patient_data import RawPatientData
-from cds_service.scenario_builder import PatientBuilder
-from cds_service.scenarios import (
+from cds_service.patient_data.gather import RawPatientData
+from cds_service.screening import Screener
+from cds_service.tools.scenario_builder import PatientBuilder
+from cds_service.tools.scenarios import (
     CARD_STATUSES,
     ECMO,
     EXAMPLES_AT,
@@ -36,7 +37,6 @@ from cds_service.scenarios import (
     shift_bundle_times,
     write_examples,
 )
-from cds_service.screening import Screener
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 NAMES = [s.name for s in all_scenarios(EXAMPLES_AT)]
@@ -166,7 +166,7 @@ def test_scenario_through_the_hook_with_and_without_prefetch(
 
 
 def test_scenario_files_round_trip_and_replay_at_another_time(screener: Screener, tmp_path: Path) -> None:
-    from cds_service.scenarios import write_scenarios
+    from cds_service.tools.scenarios import write_scenarios
 
     written = write_scenarios(tmp_path, EXAMPLES_AT)
     assert (tmp_path / "README.md") in written
@@ -276,14 +276,14 @@ def test_cli_scenarios_load_puts_every_patient(fhir_server: Any, capsys: pytest.
 
 
 def test_shipped_examples_are_current(tmp_path: Path) -> None:
-    """examples/ is exactly what `python -m cds_service.scenarios` generates (it cannot drift)."""
+    """examples/ is exactly what `python -m cds_service.tools.scenarios` generates (it cannot drift)."""
     write_examples(tmp_path, EXAMPLES_AT)
     generated = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
     for relative in generated:
         shipped = EXAMPLES_DIR / relative
-        assert shipped.is_file(), f"{shipped} missing: run `python -m cds_service.scenarios`"
+        assert shipped.is_file(), f"{shipped} missing: run `python -m cds_service.tools.scenarios`"
         assert shipped.read_bytes() == (tmp_path / relative).read_bytes(), (
-            f"{shipped} is stale: run `python -m cds_service.scenarios`"
+            f"{shipped} is stale: run `python -m cds_service.tools.scenarios`"
         )
     assert "2026-11-21T12:00:00Z" in (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
 

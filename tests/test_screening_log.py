@@ -15,10 +15,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from cds_service.app import create_app
+from cds_service.base.config import PROJECT_ROOT
 from cds_service.cli import main
-from cds_service.config import PROJECT_ROOT
-from cds_service.scenario_builder import PatientBuilder
 from cds_service.store import CSV_COLUMNS, IssuedCard, open_store
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 MSC = "NCT01849237"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask.testing import FlaskClient
 
 from cds_service.app import create_app
-from cds_service.scenario_builder import PatientBuilder
+from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 PUBLIC_URL = "http://localhost"
@@ -186,7 +186,7 @@ def test_discovery_stays_open(client: FlaskClient) -> None:
 
 
 def test_trusted_clients_without_public_url_is_refused_at_start(tmp_path: Path) -> None:
-    from cds_service.config import ConfigError
+    from cds_service.base.config import ConfigError
 
     with pytest.raises(ConfigError, match="public_url"):
         make_settings(tmp_path, security={"trusted_clients": {SANDBOX_ISSUER: {"jwks_file": "x.json"}}})
@@ -198,8 +198,8 @@ def test_readme_trust_configuration_is_valid() -> None:
 
     import yaml
 
-    from cds_service.auth import JwtVerifier
-    from cds_service.config import PROJECT_ROOT, load_settings
+    from cds_service.base.config import PROJECT_ROOT, load_settings
+    from cds_service.protocol.auth import JwtVerifier
 
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "trusted_clients:\n    " in b]

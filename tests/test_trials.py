@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from cds_service.app import create_app
-from cds_service.config import PROJECT_ROOT, load_settings
-from cds_service.datafiles import DataFileError
-from cds_service.patient_data import RawPatientData
-from cds_service.scenarios import ECMO, IMICRO, MSC, Scenario, all_scenarios
+from cds_service.base.config import PROJECT_ROOT, load_settings
+from cds_service.base.datafiles import DataFileError
+from cds_service.patient_data.gather import RawPatientData
 from cds_service.screening import Screener
-from cds_service.trial_docs import render_document, render_trial_table
+from cds_service.tools.scenarios import ECMO, IMICRO, MSC, Scenario, all_scenarios
+from cds_service.tools.trial_docs import render_document, render_trial_table
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
 
 SHARED = PROJECT_ROOT.parent / "shared"  # ../shared beside the checkout, as in CI
@@ -94,7 +94,9 @@ def test_clinician_items_and_computed_items_are_both_there(screener: Screener) -
 
 def test_docs_trials_md_is_generated_from_the_trial_files(screener: Screener) -> None:
     shipped = (PROJECT_ROOT / "docs" / "trials.md").read_text(encoding="utf-8")
-    assert shipped == render_document(screener), "docs/trials.md is stale: python -m cds_service.trial_docs"
+    assert shipped == render_document(screener), (
+        "docs/trials.md is stale: python -m cds_service.tools.trial_docs"
+    )
     table = render_trial_table(screener)
     for trial in screener.trials:
         assert f"### {trial.short_name} — {trial.id}" in table
@@ -226,12 +228,12 @@ def test_the_made_up_trial_is_documented_too(data_dir_with_a_fourth_trial: Path)
 
 
 def test_readme_shows_each_trials_criteria_generated_from_the_trial_files(screener: Screener) -> None:
-    from cds_service.trial_docs import README_BEGIN, README_END, with_readme_section
+    from cds_service.tools.trial_docs import README_BEGIN, README_END, with_readme_section
 
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     assert README_BEGIN in readme and README_END in readme
     assert readme == with_readme_section(readme, screener), (
-        "README is stale: python -m cds_service.trial_docs --readme"
+        "README is stale: python -m cds_service.tools.trial_docs --readme"
     )
     for trial in screener.trials:
         assert trial.id in readme

@@ -1,6 +1,6 @@
 """A dense ICU patient for the benchmark: monitor vitals every few minutes, labs, a full drug chart.
 
-Built on :class:`~cds_service.scenario_builder.PatientBuilder`, deterministic for a given seed.
+Built on :class:`~cds_service.tools.scenario_builder.PatientBuilder`, deterministic for a given seed.
 The clinical story (so the benchmark exercises the whole pipeline, cards included): a 58-year-old
 man with acute myeloid leukaemia on chemotherapy, neutropenic, admitted to the ICU with pneumonia
 and sepsis ``span_hours`` ago; septic shock ``onset_hours`` ago (norepinephrine started with a

@@ -1,7 +1,7 @@
 """``make bench``: how fast the hook answers, whatever the patient's data volume.
 
-``python -m cds_service.bench --out bench-results`` generates dense ICU patients
-(:mod:`cds_service.icu_generator`) at 1 000, 5 000 and 20 000 Observations and measures, in one run:
+``python -m cds_service.tools.bench --out bench-results`` generates dense ICU patients
+(:mod:`cds_service.tools.icu_generator`) at 1 000, 5 000 and 20 000 Observations and measures, in one run:
 
 * **prefetch path** — the hook's service time with everything in prefetch, in process (Flask test
   client: body decoding, validation, extraction, derivation, evaluation, cards, store) and over HTTP
@@ -11,7 +11,7 @@
 * **extraction** — ``extract.extract`` over the decoded resources next to ``orjson.loads`` of the
   Observation Bundle's bytes;
 * **fetch path** — no prefetch: the wall time of gathering the data from a real FHIR server
-  (sekmet, started with ``tests/fhir_server.py``'s :class:`FhirTestServer`) next to the slowest of
+  (sekmet, started with :class:`~cds_service.tools.fhir_server.FhirTestServer`) next to the slowest of
   the searches it issues, each timed alone (all its pages);
 * **throughput** — a bounded load (``--load-seconds``, ``--concurrency`` threads, one
   ``requests.Session`` each) from a separate process against the production server with its
@@ -52,7 +52,8 @@ from typing import Any
 import orjson
 import requests
 
-from .config import PROJECT_ROOT, load_settings
+from ..base.config import PROJECT_ROOT, load_settings
+from . import fhir_server
 from .icu_generator import hook_request, icu_patient, searchset
 
 SERVICE_PATH = "/cds-services/septic-shock-trial-screening"
@@ -194,7 +195,7 @@ def with_new_instance(body: bytes) -> bytes:
 
 
 def measure_extraction(patient: BenchPatient, knowledge: Any, repeat: int) -> dict[str, Any]:
-    from .extract import extract
+    from ..patient_data.extract import extract
 
     loads = bare_loads(patient.observation_bundle, repeat)
     decoded = orjson.loads(patient.observation_bundle)
@@ -242,17 +243,8 @@ def measure_in_process(app: Any, patient: BenchPatient, repeat: int) -> dict[str
 # -- the production server --------------------------------------------------------------------------
 
 
-def _test_servers() -> Any:
-    """``tests/fhir_server.py`` (FhirTestServer, free_port …): the bench reuses the test fixtures' code."""
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
-    import tests.fhir_server
-
-    return tests.fhir_server
-
-
 def _free_port() -> int:
-    return int(_test_servers().free_port())
+    return fhir_server.free_port()
 
 
 def _cds_service_command() -> list[str]:
@@ -271,7 +263,6 @@ class ServiceServer:
         self.log_path = workdir / "cds-service.log"
 
     def start(self) -> None:
-        die_with_parent = _test_servers()._die_with_parent
         metrics_dir = self.workdir / "metrics"
         metrics_dir.mkdir(exist_ok=True)
         env = {
@@ -292,7 +283,7 @@ class ServiceServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=fhir_server.die_with_parent if sys.platform == "linux" else None,
                 )
             if self._wait_ready():
                 return
@@ -484,7 +475,7 @@ def run_load(
         }
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "cds_service.bench", "--load-generator", spec],
+        [sys.executable, "-m", "cds_service.tools.bench", "--load-generator", spec],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -514,10 +505,9 @@ def run_load(
 
 def load_into_fhir(fhir: Any, resources: list[dict[str, Any]], chunk: int = 2500) -> float:
     """PUT the patient's resources into the FHIR server in transactions; returns the seconds it took."""
-    fhir_transaction = _test_servers().fhir_transaction
     started = time.perf_counter()
     for index in range(0, len(resources), chunk):
-        fhir.post_transaction(fhir_transaction(resources[index : index + chunk]))
+        fhir.post_transaction(fhir_server.fhir_transaction(resources[index : index + chunk]))
     return time.perf_counter() - started
 
 
@@ -525,9 +515,9 @@ def measure_fetch(
     fhir_base: str, patient: BenchPatient, screener: Any, fhir_settings: dict[str, Any], repeat: int
 ) -> dict[str, Any]:
     """gather() with no prefetch against the real server vs. each of its searches alone."""
-    from .fhir_client import FhirClient
-    from .hook_request import parse_hook_request
-    from .patient_data import gather
+    from ..patient_data.fhir_client import FhirClient
+    from ..patient_data.gather import gather
+    from ..patient_data.hook_request import parse_hook_request
 
     issued: dict[str, tuple[str, bool]] = {}
 
@@ -605,10 +595,10 @@ def run(
 ) -> dict[str, Any]:
     """Run every measurement and write ``results.json`` and ``results.md`` into ``out_dir``.
 
-    ``fhir``: a started :class:`tests.fhir_server.FhirTestServer` to use (its bench patients are
+    ``fhir``: a started :class:`~cds_service.tools.fhir_server.FhirTestServer` to use (its bench patients are
     deleted afterwards); by default one is started here and stopped at the end.
     """
-    from .app import create_app
+    from ..app import create_app
 
     sizes = tuple(sorted(sizes))
     load_size = load_size or (1000 if 1000 in sizes else sizes[0])
@@ -736,17 +726,16 @@ def _fhir_server(given: Any) -> Iterator[Any]:
     if given is not None:
         yield given
         return
-    servers = _test_servers()
-    binary = servers.sekmet_binary()
+    binary = fhir_server.sekmet_binary()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise RuntimeError(
             f"the FHIR server (sekmet) is not installed at {binary}: run `make fhir-server-env`"
         )
-    server = servers.FhirTestServer(binary)
+    server = fhir_server.FhirTestServer(binary)
     try:
         try:
             server.start()
-        except BaseException as exc:  # FhirTestServer reports a failed start with pytest.fail
+        except fhir_server.FhirServerError as exc:
             raise RuntimeError(f"the FHIR server did not start: {exc}") from None
         yield server
     finally:
@@ -933,7 +922,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cds_service.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cds_service.tools.bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", default="bench-results", help="folder for results.json and results.md")
     parser.add_argument(
         "--sizes",

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import NamedTuple
 
+#: Times are epoch seconds (UTC floats); durations in the data files are converted with this.
+HOUR = 3600.0
+
 
 class ObservationFact(NamedTuple):
     input: str

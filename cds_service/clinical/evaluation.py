@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .criteria import CONFIRM, MET, NOT_MET, UNKNOWN, RuleResult, evaluate_rule
+from ..knowledge.criteria_language import CONFIRM, MET, NOT_MET, UNKNOWN
+from ..knowledge.trials import Criterion, Trial
+from .criteria import RuleResult, evaluate_rule
 from .derived import ClinicalInputs, Derived, Evidence
-from .trials import Criterion, Trial
 
 ELIGIBLE, POSSIBLY, UPCOMING = "eligible", "possibly_eligible", "upcoming"
 NOT_ELIGIBLE, WINDOW_CLOSED = "not_eligible", "window_closed"

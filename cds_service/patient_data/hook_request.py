@@ -1,7 +1,7 @@
 """Validate a CDS Hooks 2.0 ``patient-view`` request with cerberus.
 
 The prefetch *content* is not run through cerberus: it can be tens of megabytes and cerberus
-copies what it validates. Its shape is read, key by key, by ``patient_data.py``.
+copies what it validates. Its shape is read, key by key, by ``gather.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 from cerberus import Validator
 
-from .datafiles import dotted_errors
-from .errors import HookError
+from ..base.datafiles import dotted_errors
+from ..base.errors import HookError
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"

@@ -1,121 +1,26 @@
-"""A small criteria language, evaluated with three-valued logic (plus "needs confirmation").
+"""Evaluate the criteria language (``knowledge/criteria_language.py``) on a patient's clinical inputs.
 
-A criterion's ``rule`` is one of these forms (the language knows nothing about any trial):
-
-``value``       {input, op, threshold, unit?, aggregate: latest|min|max|any|all, within?,
-                 if_missing?: unknown|not_met}
-``persistent``  {input, op, threshold, unit?, count: 2, min_interval, within?,
-                 trend?: non_decreasing|non_increasing}
-``sustained``   {input, op, threshold, unit?, for_more_than, max_gap, within?, current?}
-``established`` {input}                     — a derived input is present (e.g. septic_shock_onset)
-``time_since``  {input, min?, max?}         — time since a derived time input (e.g. onset)
-``condition``   {value_sets: [...], if_absent: not_met|confirm|unknown, if_present: met|confirm}
-``all_of`` / ``any_of`` [rules] ; ``not`` rule
-A criterion may instead be a ``confirm`` item: text a clinician must confirm.
-
-Statuses: ``met``, ``not_met``, ``unknown`` (data missing: say what to measure) and ``confirm``.
-Combinators follow Kleene's three-valued logic; ``confirm`` ranks between ``unknown`` and ``met``
-(a clinician must look, but no data is missing).
-
-Clocks. A ``not_met`` result may carry ``due``: the time at which the rule will be met if nothing
-changes (a ``sustained`` run still going on but not yet long enough; a ``time_since`` minimum not
-reached yet). ``all_of`` is due when every failing part is (the latest of them), ``any_of`` when any
-failing part is (the earliest). Evaluation uses it for "upcoming" and for the window's closing time.
-
-``sustained`` semantics: the run is the longest stretch of consecutive values beyond the threshold
-(a gap longer than ``max_gap`` between two values breaks it; its duration is first to last value, so
-unobserved time is never counted). ``current: true`` asks for the run going on now instead: it ends
-at the latest value, which is at most ``max_gap`` old.
+Three-valued logic plus "needs confirmation"; every result carries its evidence, what is missing,
+and a clock (``due``) when a rule is not met yet but will be if nothing changes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .derived import (
-    HOUR,
+from ..base.facts import ObservationFact, format_time
+from ..knowledge.criteria_language import (
+    CONFIRM,
+    MET,
+    NOT_MET,
     OPERATORS,
-    ClinicalInputs,
-    Evidence,
-    in_window,
-    persistent,
-    sustained_run,
-    trend_holds,
+    STEP_SERIES_PREFIX,
+    UNKNOWN,
+    parse_duration,
 )
-from .facts import ObservationFact, format_time
-
-MET, NOT_MET, UNKNOWN, CONFIRM = "met", "not_met", "unknown", "confirm"
-#: ObservationFact.code of computed step series (derived.py): a value holds until the next point.
-STEP_SERIES_PREFIX = "derived:"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|min|m|h|d)\s*$")
-_SECONDS = {"s": 1.0, "min": 60.0, "m": 60.0, "h": HOUR, "d": 24 * HOUR}
-
-
-def parse_duration(text: str | int | float) -> float:
-    """'30m', '30 min', '5h', '2d' → seconds. A bare number means hours."""
-    if isinstance(text, int | float):
-        return float(text) * HOUR
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30min, 5h, 2d)")
-    return float(match.group(1)) * _SECONDS[match.group(2)]
-
-
-def _duration_ok(field: str, value: Any, error: Callable[[str, str], None]) -> None:
-    try:
-        parse_duration(value)
-    except ValueError as exc:
-        error(field, str(exc))
-
-
-_DURATION_FIELD = {"type": ["string", "number"], "check_with": _duration_ok}
-_THRESHOLD = {
-    "input": {"type": "string", "required": True},
-    "op": {"type": "string", "allowed": list(OPERATORS), "required": True},
-    "threshold": {"type": ["number", "string"], "required": True},
-    "unit": {"type": "string"},
-    "within": _DURATION_FIELD,
-}
-
-RULE_SCHEMAS: dict[str, dict[str, Any]] = {
-    "value": {
-        **_THRESHOLD,
-        "aggregate": {"type": "string", "allowed": ["latest", "min", "max", "any", "all"]},
-        # An optional alternative measure: when never charted, `not_met` instead of asking for it.
-        "if_missing": {"type": "string", "allowed": [UNKNOWN, NOT_MET]},
-    },
-    "persistent": {
-        **_THRESHOLD,
-        "count": {"type": "integer", "min": 2},
-        "min_interval": {**_DURATION_FIELD, "required": True},
-        "trend": {"type": "string", "allowed": ["non_decreasing", "non_increasing"]},
-    },
-    "sustained": {
-        **_THRESHOLD,
-        "for_more_than": {**_DURATION_FIELD, "required": True},
-        "max_gap": {**_DURATION_FIELD, "required": True},
-        "current": {"type": "boolean"},
-    },
-    "established": {"input": {"type": "string", "required": True}},
-    "time_since": {
-        "input": {"type": "string", "required": True},
-        "min": _DURATION_FIELD,
-        "max": _DURATION_FIELD,
-    },
-    "condition": {
-        "value_sets": {"type": "list", "schema": {"type": "string"}, "required": True, "minlength": 1},
-        "if_absent": {"type": "string", "allowed": [NOT_MET, CONFIRM, UNKNOWN]},
-        # A charted code that suggests but does not prove the criterion (severity not coded …).
-        "if_present": {"type": "string", "allowed": [MET, CONFIRM]},
-        "absent_text": {"type": "string"},
-    },
-}
-COMBINATORS = ("all_of", "any_of", "not")
-RULE_KINDS = (*RULE_SCHEMAS, *COMBINATORS)
+from .derived import HOUR, ClinicalInputs, Evidence, in_window, persistent, sustained_run, trend_holds
 
 
 @dataclass(frozen=True)
@@ -447,82 +352,3 @@ _HANDLERS: dict[str, Callable[[ClinicalInputs, dict[str, Any]], RuleResult]] = {
     "time_since": _time_since,
     "condition": _condition,
 }
-
-
-def rule_inputs(rule: dict[str, Any]) -> set[str]:
-    """Every input name a rule refers to (to build prefetch queries and check trial files)."""
-    ((kind, spec),) = rule.items()
-    if kind in ("all_of", "any_of"):
-        return set().union(*(rule_inputs(r) for r in spec))
-    if kind == "not":
-        return rule_inputs(spec)
-    return {spec["input"]} if "input" in spec else set()
-
-
-def rule_value_sets(rule: dict[str, Any]) -> set[str]:
-    ((kind, spec),) = rule.items()
-    if kind in ("all_of", "any_of"):
-        return set().union(*(rule_value_sets(r) for r in spec))
-    if kind == "not":
-        return rule_value_sets(spec)
-    return set(spec.get("value_sets", ()))
-
-
-def rule_can_confirm(rule: dict[str, Any]) -> bool:
-    """True when the rule may hand the decision to a clinician (a condition with a confirm option)."""
-    ((kind, spec),) = rule.items()
-    if kind in ("all_of", "any_of"):
-        return any(rule_can_confirm(r) for r in spec)
-    if kind == "not":
-        return rule_can_confirm(spec)
-    return kind == "condition" and CONFIRM in (spec.get("if_absent", CONFIRM), spec.get("if_present", MET))
-
-
-_OP_TEXT = {"<=": "≤", ">=": "≥", "==": "=", "!=": "≠"}
-_AGGREGATE_TEXT = {"latest": "latest", "min": "lowest", "max": "highest", "any": "any", "all": "every"}
-
-
-def describe_rule(rule: dict[str, Any], labels: dict[str, str] | None = None) -> str:
-    """A rule in words, for the generated documentation ("latest ANC <= 1.0 within 24h")."""
-    labels = labels or {}
-    ((kind, spec),) = rule.items()
-    if kind in ("all_of", "any_of"):
-        joiner = " and " if kind == "all_of" else " or "
-        return "(" + joiner.join(describe_rule(r, labels) for r in spec) + ")"
-    if kind == "not":
-        return f"not {describe_rule(spec, labels)}"
-    name = labels.get(spec.get("input", ""), spec.get("input", "").replace("_", " "))
-    unit = f" {spec['unit']}" if spec.get("unit") else ""
-    within = f" within {spec['within']}" if spec.get("within") is not None else ""
-    compared = f"{_OP_TEXT.get(spec.get('op', ''), spec.get('op'))} {spec.get('threshold')}{unit}"
-    if kind == "value":
-        aggregate = f"{_AGGREGATE_TEXT[spec['aggregate']]} " if spec.get("aggregate") else ""
-        optional = " (if charted)" if spec.get("if_missing") == NOT_MET else ""
-        return f"{aggregate}{name} {compared}{within}{optional}"
-    if kind == "persistent":
-        trend = f", trend {spec['trend'].replace('_', '-')}" if spec.get("trend") else ""
-        return (
-            f"{spec.get('count', 2)} consecutive {name} {compared} at least {spec['min_interval']} apart"
-            f"{within}{trend}"
-        )
-    if kind == "sustained":
-        now = ", still going on" if spec.get("current") else ""
-        return f"{name} {compared} for more than {spec['for_more_than']} (gaps ≤ {spec['max_gap']}){now}"
-    if kind == "established":
-        return f"{name} established"
-    if kind == "time_since":
-        parts = [
-            f"≥ {spec['min']}" if spec.get("min") is not None else "",
-            f"≤ {spec['max']}" if spec.get("max") is not None else "",
-        ]
-        return f"time since {name} " + " and ".join(p for p in parts if p)
-    if kind == "condition":
-        present = " (charted: clinician confirms)" if spec.get("if_present") == CONFIRM else ""
-        absent = {
-            NOT_MET: "",
-            CONFIRM: "; none charted: clinician confirms",
-            UNKNOWN: "; none charted: unknown",
-        }[spec.get("if_absent", CONFIRM)]
-        sets = ", ".join(v.replace("_", " ") for v in spec["value_sets"])
-        return f"Condition charted: {sets}{present}{absent}"
-    return kind

@@ -34,27 +34,15 @@ Conventions:
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .datafiles import load_and_validate
-from .facts import AdministrationFact, ConditionFact, ObservationFact, PatientFacts, format_time
-from .knowledge import Knowledge
-
-HOUR = 3600.0
-
-OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
+from ..base.datafiles import load_and_validate
+from ..base.facts import HOUR, AdministrationFact, ConditionFact, ObservationFact, PatientFacts, format_time
+from ..knowledge.mappings import Knowledge
 
 DERIVED_SCHEMA: dict[str, Any] = {
     "septic_shock_onset": {

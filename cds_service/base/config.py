@@ -20,7 +20,7 @@ from cerberus import Validator
 from .datafiles import dotted_errors
 
 #: The repository root: the shipped data folders (mappings/, trials/, cards/) live here.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # cds_service/base/config.py → two folders up
 
 DEFAULTS: dict[str, Any] = {
     "server": {

@@ -18,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from .errors import HookError
+from ..base.errors import HookError
+from ..knowledge.mappings import Knowledge
+from ..knowledge.trials import Trial
 from .fhir_client import DataUnavailable, FhirClient
 from .hook_request import HookRequest
-from .knowledge import Knowledge
-from .trials import Trial
 
 PATIENT_TOKEN = "{{context.patientId}}"
 

@@ -16,7 +16,7 @@ Scenario file format (documented in docs/trials.md, "Scenario files")::
      "expected": {"NCT…": "eligible" | "possibly_eligible" | "upcoming" | "not_eligible" | "window_closed"},
      "bundle": <transaction Bundle of PUTs>}
 
-``python -m cds_service.scenarios`` regenerates ``examples/`` at the fixed time ``EXAMPLES_AT``.
+``python -m cds_service.tools.scenarios`` regenerates ``examples/`` at the fixed time ``EXAMPLES_AT``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 import requests
 
+from ..base.config import PROJECT_ROOT
 from .scenario_builder import ICD10CM, SNOMED, PatientBuilder, iso
 
 ECMO = "NCT05184296"
@@ -47,7 +48,7 @@ ID_PREFIX = "cdsh-"
 SITE_CODES = "urn:cds-service:site-codes"
 #: The evaluation time of the shipped examples (``cds-service evaluate --at`` must use it).
 EXAMPLES_AT = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = PROJECT_ROOT / "examples"
 
 
 @dataclass
@@ -882,8 +883,8 @@ def hook_request(
 
 def write_examples(folder: Path = EXAMPLES_DIR, at: datetime = EXAMPLES_AT) -> list[Path]:
     """Regenerate ``examples/``: the scenario files, a hook request and a patient Bundle."""
-    from .config import load_settings
-    from .screening import Screener
+    from ..base.config import load_settings
+    from ..screening import Screener
 
     written = write_scenarios(folder / "scenarios", at)
     by_name = {s.name: s for s in all_scenarios(at)}
@@ -926,7 +927,7 @@ def check_files(paths: list[Path], screener: Any, out: Any = None) -> int:
     """Evaluate scenario files in memory at their ``evaluatedAt``; print one line per scenario and trial.
 
     Returns the number of mismatches (a trial named in ``expected`` that is not screened counts)."""
-    from .patient_data import RawPatientData
+    from ..patient_data.gather import RawPatientData
 
     out = out or sys.stdout
     mismatches = 0
@@ -945,8 +946,8 @@ def check_files(paths: list[Path], screener: Any, out: Any = None) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .config import load_settings
-    from .screening import Screener
+    from ..base.config import load_settings
+    from ..screening import Screener
 
     target = Path(args.path)
     paths = sorted(target.glob("*.json")) if target.is_dir() else [target]

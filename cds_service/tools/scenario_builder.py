@@ -1,6 +1,6 @@
 """Build FHIR R4 patient Bundles for clinical stories, with times relative to an evaluation time.
 
-Used by the shipped scenario patients (``cds_service.scenarios``), the tests, the benchmark and the
+Used by the shipped scenario patients (``cds_service.tools.scenarios``), the tests, the benchmark and the
 integration harness. Resource ids are derived from the patient id, so a scenario loads with PUT
 (idempotent) and its clean-up deletes exactly what it loaded.
 """

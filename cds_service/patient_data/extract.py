@@ -19,8 +19,15 @@ from typing import Any
 from fhir.resources.R4B.patient import Patient
 from pydantic import ValidationError
 
-from .facts import AdministrationFact, ConditionFact, ObservationFact, PatientFacts, UnusableValue, parse_time
-from .knowledge import UCUM, Conversion, Knowledge
+from ..base.facts import (
+    AdministrationFact,
+    ConditionFact,
+    ObservationFact,
+    PatientFacts,
+    UnusableValue,
+    parse_time,
+)
+from ..knowledge.mappings import UCUM, Conversion, Knowledge
 
 _IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 _IGNORED_ADMINISTRATION_STATUS = frozenset({"entered-in-error", "not-done", "cancelled"})

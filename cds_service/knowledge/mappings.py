@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .datafiles import DataFileError, DataFileProblem, LoadedFile, load_and_validate, load_yaml
+from ..base.datafiles import DataFileError, DataFileProblem, LoadedFile, load_and_validate, load_yaml
 
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"

@@ -2,7 +2,7 @@
 
 ``configure_logging()`` installs one root handler that writes one JSON object per line::
 
-    {"ts": "2024-05-01T12:00:00.123Z", "level": "INFO", "logger": "cds_service.api",
+    {"ts": "2024-05-01T12:00:00.123Z", "level": "INFO", "logger": "cds_service.protocol.api",
      "message": "screened", "hook_instance": "d1577c69-...", "trials": 3}
 
 ``hook_instance`` is present while the record is logged inside ``with hook_context(...)``; extra

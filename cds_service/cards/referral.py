@@ -28,8 +28,8 @@ from fhir.resources.R4B.researchsubject import ResearchSubject
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import BaseModel, ValidationError
 
-from .evaluation import ELIGIBLE
-from .trials import Trial
+from ..clinical.evaluation import ELIGIBLE
+from ..knowledge.trials import Trial
 
 CLINICALTRIALS_SYSTEM = "https://clinicaltrials.gov"
 SNOMED = "http://snomed.info/sct"

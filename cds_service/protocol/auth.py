@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import jwt
 import requests
 
-from cds_service.config import ConfigError
+from ..base.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class JwtVerifier:
     """Verifies CDS Hooks client JWTs against the ``security`` configuration section.
 
     Build one per process at start-up (it reads ``jwks_file`` key sets immediately and raises
-    :class:`~cds_service.config.ConfigError` when the section is unusable) and share it: it is
+    :class:`~cds_service.base.config.ConfigError` when the section is unusable) and share it: it is
     thread-safe and holds the key-set caches.
     """
 

@@ -13,9 +13,16 @@ from typing import Any
 
 from cerberus import Validator
 
-from .criteria import COMBINATORS, CONFIRM, RULE_SCHEMAS, parse_duration, rule_can_confirm, rule_inputs
-from .datafiles import DataFileError, DataFileProblem, LoadedFile, load_yaml, validate
-from .knowledge import Knowledge
+from ..base.datafiles import DataFileError, DataFileProblem, LoadedFile, load_yaml, validate
+from .criteria_language import (
+    COMBINATORS,
+    CONFIRM,
+    RULE_SCHEMAS,
+    parse_duration,
+    rule_can_confirm,
+    rule_inputs,
+)
+from .mappings import Knowledge
 
 #: Inputs computed in derived.py (besides every observation input of the mappings).
 DERIVED_INPUTS = {"age_years", "sex", "body_weight", "vis", "septic_shock_onset"}

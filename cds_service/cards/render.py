@@ -19,11 +19,11 @@ from typing import Any
 
 from jinja2 import Environment, StrictUndefined, Template, TemplateError
 
-from .criteria import MET
-from .datafiles import DataFileError, DataFileProblem, load_and_validate
-from .derived import Evidence
-from .evaluation import ELIGIBLE, POSSIBLY, UPCOMING, CriterionResult, TrialResult
-from .facts import format_time
+from ..base.datafiles import DataFileError, DataFileProblem, load_and_validate
+from ..base.facts import format_time
+from ..clinical.derived import Evidence
+from ..clinical.evaluation import ELIGIBLE, POSSIBLY, UPCOMING, CriterionResult, TrialResult
+from ..knowledge.criteria_language import MET
 from .referral import CLINICALTRIALS_SYSTEM, ReferralRequest, referral_suggestion
 
 log = logging.getLogger(__name__)

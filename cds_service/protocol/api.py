@@ -15,12 +15,12 @@ import orjson
 from cerberus import Validator
 from flask import Blueprint, Response, current_app, request
 
-from .datafiles import dotted_errors
-from .errors import HookError, outcome_response
-from .fhir_client import DataUnavailable
-from .hook_request import UUID_PATTERN, parse_hook_request
-from .logs import hook_context
-from .service import ServiceState
+from ..base.datafiles import dotted_errors
+from ..base.errors import HookError, outcome_response
+from ..base.logs import hook_context
+from ..patient_data.fhir_client import DataUnavailable
+from ..patient_data.hook_request import UUID_PATTERN, parse_hook_request
+from ..service import ServiceState
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)

@@ -2,7 +2,7 @@
 
 ``cds-service harness --service URL --fhir URL`` does, over HTTP only, what a CDS client does:
 
-1. loads the scenario patients (the shipped ones from :mod:`cds_service.scenarios`, or a directory of a
+1. loads the scenario patients (the shipped ones from :mod:`cds_service.tools.scenarios`, or a directory of a
    site's own scenario files) into the FHIR server — every id starts with ``cdsh-``, every resource is
    tagged as harness test data, and an existing patient the harness did not load is never overwritten;
 2. reads the service's discovery document, fills each prefetch template against the FHIR server
@@ -127,7 +127,7 @@ class HarnessScenario:
 
 
 def shipped_scenarios(now: datetime) -> list[HarnessScenario]:
-    """The shipped scenario patients (:func:`cds_service.scenarios.all_scenarios`), generated at ``now``."""
+    """The shipped scenario patients (:func:`.scenarios.all_scenarios`), generated at ``now``."""
     try:
         from .scenarios import all_scenarios
     except ImportError as exc:  # pragma: no cover - a broken installation
