@@ -2,19 +2,26 @@
 
 ``open_store(url)`` returns a :class:`SqliteStore` (``sqlite:///relative/path`` or
 ``sqlite:////absolute/path``) or a :class:`PostgresStore` (``postgresql://user@host:port/db``). Both
-keep the same three tables and behave the same way; the SQL lives in :class:`Store` and the
-subclasses only manage connections.
+keep the same tables and behave the same way; the SQL lives in :class:`Store` and the subclasses only
+manage connections.
+
+Schema versions: the schema is the numbered list ``MIGRATIONS``. Opening a store applies the ones it
+lacks, in one transaction under a lock (so instances starting together migrate once), and records
+them in ``schema_migrations``. A store made by release 0.1.0 (no versions yet) is upgraded in place.
+How to add a migration: see the comment above ``Dialect`` below.
 
 Feedback carries no patient id, so the issued-card row is what ties a card uuid back to its patient
 and trial. That row *is* the screening log (one row per card) — there is no second copy. Patient ids
-live only here. Nothing secret (tokens, JWTs) is ever stored.
+live only here, and only for ``store.retention_days`` (:meth:`Store.purge_if_due`). Nothing secret
+(tokens, JWTs) is ever stored.
 
 Concurrency model: one connection per thread, opened lazily and owned by the process that opened it.
 Gunicorn forks workers after the app (and its store) is created, so a process never uses a connection
 it inherited: it notices the pid change, abandons the inherited connections without closing them and
 opens its own. SQLite connections that are idle when the process forks are closed just before the
-fork (SQLite must not have a connection open across ``fork()``). Every write is one statement in its
-own transaction and every insert is ``ON CONFLICT DO NOTHING``, so client retries are harmless.
+fork (SQLite must not have a connection open across ``fork()``). Every write is one transaction (the
+items of one feedback message, or the cards of one hook answer, go together: all or none) and every
+insert is ``ON CONFLICT DO NOTHING``, so client retries are harmless.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +44,11 @@ from typing import IO, Any
 
 __all__ = [
     "CSV_COLUMNS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
     "Feedback",
     "IssuedCard",
+    "Migration",
     "OverrideInfo",
     "PostgresStore",
     "ScreeningEvent",
@@ -48,6 +59,8 @@ __all__ = [
     "open_store",
 ]
 
+log = logging.getLogger(__name__)
+
 OUTCOMES = ("accepted", "overridden")
 #: The reason code the service stores on accepted feedback that accepted the referral suggestion.
 REFERRAL_REASON = "referral"
@@ -57,8 +70,11 @@ JTI_GRACE_SECONDS = 600.0
 JTI_PURGE_INTERVAL = 300.0
 #: … or after this many ``remember_jti`` calls, whichever comes first.
 JTI_PURGE_EVERY = 1000
+#: Retention purges (``store.retention_days``) run at most this often (seconds) per store and process.
+RETENTION_PURGE_INTERVAL = 3600.0
 SQLITE_BUSY_TIMEOUT_MS = 15_000
-PG_CONNECT_TIMEOUT_SECONDS = 5
+#: Below the hook deadline (3 s by default); libpq's smallest effective value is 2 s.
+PG_CONNECT_TIMEOUT_SECONDS = 2
 _PG_SCHEMA_LOCK_KEY = 0x0C_D5_5E_97  # pg_advisory_xact_lock key serialising schema creation
 
 
@@ -179,6 +195,33 @@ def _log_row(row: Sequence[Any]) -> ScreeningLogRow:
     )
 
 
+def _card_params(card: IssuedCard) -> tuple[Any, ...]:
+    return (
+        card.card_uuid,
+        card.patient_id,
+        card.trial_id,
+        card.hook_instance,
+        float(card.issued_at),
+        card.status,
+        _dump_list(card.criteria_unmet),
+        _dump_list(card.criteria_unknown),
+        _dump_list(card.criteria_to_confirm),
+    )
+
+
+def _feedback_params(fb: Feedback) -> tuple[Any, ...]:
+    return (
+        fb.card_uuid,
+        fb.outcome,
+        float(fb.outcome_timestamp),
+        float(fb.received_at),
+        fb.reason_code,
+        fb.reason_display,
+        fb.user_comment,
+        _dump_list(fb.accepted_suggestions),
+    )
+
+
 def _dump_list(items: Sequence[str]) -> str:
     return json.dumps([str(item) for item in items], ensure_ascii=False)
 
@@ -247,6 +290,13 @@ WHERE jwt_jti.expires_at < ?
 
 _PURGE_JTI = "DELETE FROM jwt_jti WHERE expires_at < ?"
 
+# Retention: feedback received before the cut-off or given on a card issued before it, then the cards.
+_PURGE_FEEDBACK = """
+DELETE FROM card_feedback
+WHERE received_at < ? OR card_uuid IN (SELECT card_uuid FROM issued_card WHERE issued_at < ?)
+"""
+_PURGE_CARDS = "DELETE FROM issued_card WHERE issued_at < ?"
+
 _SCREENING_LOG = """
 SELECT c.issued_at, c.patient_id, c.trial_id, c.status, c.criteria_unmet, c.criteria_unknown,
        c.criteria_to_confirm, c.card_uuid, f.outcome, f.reason_code, f.reason_display, f.user_comment,
@@ -262,15 +312,59 @@ ORDER BY c.issued_at, c.card_uuid
 """
 
 
-def _schema(float_type: str, id_column: str) -> list[str]:
-    """The DDL shared by both backends; only the float type and the surrogate key differ."""
+# ------------------------------------------------------------------------------- schema migrations
+#
+# The schema is a numbered list of migrations, applied in order and recorded in ``schema_migrations``
+# (one row per applied version). A new store runs all of them; a store of an earlier release runs
+# the ones it lacks, in place, when the service opens it. Both backends run the same list.
+#
+# How to add a migration (a table, a column, an index):
+#   1. Write a function ``_vN_what_it_adds(d: Dialect) -> list[str]`` returning the statements for
+#      both backends; use ``d.real`` for floating-point columns and ``d.id_column`` for a surrogate
+#      key (the only differences between SQLite and PostgreSQL so far). Each statement runs once,
+#      inside the migration's transaction, under the schema lock: no ``IF NOT EXISTS`` needed.
+#   2. Append ``Migration(N, "what it adds and why", _vN_what_it_adds)`` to ``MIGRATIONS``, N being
+#      the last version + 1. Never edit or reorder a migration that has been released: stores
+#      out there have already run it.
+#   3. Keep it additive (new tables, new nullable columns or columns with a DEFAULT, new indexes):
+#      several instances share one PostgreSQL store, and during a rolling upgrade the instances of
+#      the previous release keep running on the upgraded schema.
+#   4. tests/test_store_migrations.py upgrades a store made by release 0.1.0 to the latest version
+#      on both backends and compares it with a new store: extend its row checks when the migration
+#      moves data.
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the backends in DDL."""
+
+    name: str  # "sqlite" | "postgresql"
+    real: str  # floating-point column type
+    id_column: str  # an auto-incremented surrogate primary key
+
+
+SQLITE_DIALECT = Dialect("sqlite", "REAL", "INTEGER PRIMARY KEY AUTOINCREMENT")
+POSTGRES_DIALECT = Dialect(
+    "postgresql", "DOUBLE PRECISION", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: Callable[[Dialect], list[str]]
+
+
+def _v1_initial(d: Dialect) -> list[str]:
+    """Release 0.1.0: issued cards (the screening log), card feedback, the jti replay cache."""
     return [
         f"""CREATE TABLE IF NOT EXISTS issued_card (
             card_uuid TEXT PRIMARY KEY,
             patient_id TEXT NOT NULL,
             trial_id TEXT NOT NULL,
             hook_instance TEXT,
-            issued_at {float_type} NOT NULL,
+            issued_at {d.real} NOT NULL,
             status TEXT NOT NULL,
             criteria_unmet TEXT NOT NULL,
             criteria_unknown TEXT NOT NULL,
@@ -279,11 +373,11 @@ def _schema(float_type: str, id_column: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS issued_card_patient_trial ON issued_card (patient_id, trial_id)",
         "CREATE INDEX IF NOT EXISTS issued_card_issued_at ON issued_card (issued_at)",
         f"""CREATE TABLE IF NOT EXISTS card_feedback (
-            id {id_column},
+            id {d.id_column},
             card_uuid TEXT NOT NULL,
             outcome TEXT NOT NULL CHECK (outcome IN ('accepted', 'overridden')),
-            outcome_timestamp {float_type} NOT NULL,
-            received_at {float_type} NOT NULL,
+            outcome_timestamp {d.real} NOT NULL,
+            received_at {d.real} NOT NULL,
             reason_code TEXT,
             reason_display TEXT,
             user_comment TEXT,
@@ -293,11 +387,85 @@ def _schema(float_type: str, id_column: str) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS jwt_jti (
             issuer TEXT NOT NULL,
             jti TEXT NOT NULL,
-            expires_at {float_type} NOT NULL,
+            expires_at {d.real} NOT NULL,
             PRIMARY KEY (issuer, jti)
         )""",
         "CREATE INDEX IF NOT EXISTS jwt_jti_expires_at ON jwt_jti (expires_at)",
     ]
+
+
+def _v2_retention(d: Dialect) -> list[str]:
+    """Retention purges feedback by the time it was received (``store.retention_days``)."""
+    return ["CREATE INDEX card_feedback_received_at ON card_feedback (received_at)"]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "issued cards, card feedback and the jti replay cache (release 0.1.0)", _v1_initial),
+    Migration(2, "index feedback by time received, for retention purges", _v2_retention),
+)
+#: The schema version this code writes and expects.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_at {real} NOT NULL
+)"""
+
+
+class SchemaError(RuntimeError):
+    """The store's schema cannot be brought to :data:`SCHEMA_VERSION`."""
+
+
+def _pending_migrations(current: int) -> list[Migration]:
+    return [m for m in MIGRATIONS if m.version > current]
+
+
+def _table_exists(execute: Callable[..., Any], dialect: Dialect, table: str) -> bool:
+    if dialect is SQLITE_DIALECT:
+        rows = execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchall()
+        return bool(rows)
+    return execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None
+
+
+def _schema_version(execute: Callable[..., Any], dialect: Dialect) -> int:
+    """The highest applied migration; 0 for a new store and for one made by release 0.1.0."""
+    if not _table_exists(execute, dialect, "schema_migrations"):
+        return 0
+    value = execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+    return int(value or 0)
+
+
+def _migrate(execute: Callable[..., Any], dialect: Dialect, where: str) -> list[int]:
+    """Apply the pending migrations; the caller holds the schema lock inside one transaction."""
+    placeholder = "?" if dialect is SQLITE_DIALECT else "%s"
+    execute(_MIGRATIONS_TABLE.format(real=dialect.real))
+    current = _schema_version(execute, dialect)
+    applied: list[int] = []
+    for migration in _pending_migrations(current):
+        for statement in migration.statements(dialect):
+            execute(statement)
+        execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) "
+            f"VALUES ({placeholder}, {placeholder}, {placeholder})",
+            (migration.version, migration.description, time.time()),
+        )
+        applied.append(migration.version)
+    if applied:
+        log.info(
+            "store schema upgraded",
+            extra={"fields": {"store": where, "from_version": current, "to_version": applied[-1]}},
+        )
+    return applied
+
+
+def _warn_if_newer(version: int, where: str) -> None:
+    if version > SCHEMA_VERSION:
+        # Migrations are additive, so this release can still run on it (a rolling upgrade or a rollback).
+        log.warning(
+            "store schema is newer than this release knows; running on it",
+            extra={"fields": {"store": where, "version": version, "known_version": SCHEMA_VERSION}},
+        )
 
 
 # ------------------------------------------------------------------------------------ connections
@@ -339,6 +507,7 @@ class Store(ABC):
         self._conns_lock = threading.Lock()
         self._jti_calls = 0
         self._last_purge = time.time()
+        self._last_retention_purge = float("-inf")  # the first hook of a process purges
 
     # -- backend hooks ---------------------------------------------------------------------------
 
@@ -347,8 +516,8 @@ class Store(ABC):
         """A new raw connection, ready for use (schema already ensured by the constructor)."""
 
     @abstractmethod
-    def _write_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> int:
-        """Run one statement in its own transaction and return the number of rows it changed."""
+    def _write_raw(self, conn: Any, batch: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run the statements in one transaction; the number of rows each changed."""
 
     @abstractmethod
     def _read_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -408,14 +577,15 @@ class Store(ABC):
         finally:
             holder.lock.release()
 
-    def _run(self, write: bool, sql: str, params: Sequence[Any]) -> Any:
+    def _run(self, write: bool, batch: Sequence[tuple[str, Sequence[Any]]]) -> Any:
         if self._placeholder != "?":
-            sql = sql.replace("?", self._placeholder)
+            batch = [(sql.replace("?", self._placeholder), params) for sql, params in batch]
         for attempt in range(2):
             with self._connection() as holder:
                 try:
                     if write:
-                        return self._write_raw(holder.raw, sql, params)
+                        return self._write_raw(holder.raw, batch)
+                    ((sql, params),) = batch
                     return self._read_raw(holder.raw, sql, params)
                 except Exception as exc:
                     if attempt == 0 and self._is_broken(holder.raw, exc):
@@ -427,10 +597,20 @@ class Store(ABC):
         raise AssertionError("unreachable")
 
     def _write(self, sql: str, params: Sequence[Any]) -> int:
-        return int(self._run(True, sql, params))
+        return int(self._run(True, [(sql, params)])[0])
+
+    def _write_all(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Several statements in one transaction: all of them are stored, or none."""
+        return [int(changed) for changed in self._run(True, batch)] if batch else []
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self._run(False, sql, params))
+        return list(self._run(False, [(sql, params)]))
+
+    @property
+    def schema_version(self) -> int:
+        """The highest migration applied to this store (see ``MIGRATIONS``)."""
+        rows = self._read("SELECT MAX(version) FROM schema_migrations")
+        return int(rows[0][0] or 0)
 
     def close(self) -> None:
         """Close this process's connections. The store stays usable: later calls reconnect."""
@@ -451,20 +631,11 @@ class Store(ABC):
 
     def record_card(self, card: IssuedCard) -> None:
         """Remember an issued card (and so log the screening). Recording the same uuid again is a no-op."""
-        self._write(
-            _INSERT_CARD,
-            (
-                card.card_uuid,
-                card.patient_id,
-                card.trial_id,
-                card.hook_instance,
-                float(card.issued_at),
-                card.status,
-                _dump_list(card.criteria_unmet),
-                _dump_list(card.criteria_unknown),
-                _dump_list(card.criteria_to_confirm),
-            ),
-        )
+        self.record_cards([card])
+
+    def record_cards(self, cards: Sequence[IssuedCard]) -> None:
+        """Remember the cards of one hook answer in one transaction (idempotent per uuid)."""
+        self._write_all([(_INSERT_CARD, _card_params(card)) for card in cards])
 
     def log_screening(self, row: ScreeningEvent) -> None:
         """Log an evaluation that produced a card: the issued-card row is the log row (idempotent)."""
@@ -508,22 +679,18 @@ class Store(ABC):
         Feedback for a card uuid the store does not know is stored too (it never shows in the
         screening log, which starts from issued cards); callers may check :meth:`get_card` first.
         """
-        if fb.outcome not in OUTCOMES:
-            raise ValueError(f"feedback outcome must be one of {OUTCOMES}, not {fb.outcome!r}")
-        changed = self._write(
-            _INSERT_FEEDBACK,
-            (
-                fb.card_uuid,
-                fb.outcome,
-                float(fb.outcome_timestamp),
-                float(fb.received_at),
-                fb.reason_code,
-                fb.reason_display,
-                fb.user_comment,
-                _dump_list(fb.accepted_suggestions),
-            ),
-        )
-        return changed > 0
+        return self.record_feedback_items([fb])[0]
+
+    def record_feedback_items(self, items: Sequence[Feedback]) -> list[bool]:
+        """Store the entries of one feedback message in one transaction: all of them, or none.
+
+        Returns, per entry, False when the same (card, outcome, outcome time) was already stored.
+        """
+        for fb in items:
+            if fb.outcome not in OUTCOMES:
+                raise ValueError(f"feedback outcome must be one of {OUTCOMES}, not {fb.outcome!r}")
+        changed = self._write_all([(_INSERT_FEEDBACK, _feedback_params(fb)) for fb in items])
+        return [count > 0 for count in changed]
 
     def feedback_for_card(self, card_uuid: str) -> list[Feedback]:
         """Every stored feedback entry for one card, oldest outcome first."""
@@ -576,6 +743,34 @@ class Store(ABC):
         now = time.time() if now is None else now
         return self._write(_PURGE_JTI, (now - JTI_GRACE_SECONDS,))
 
+    # -- retention ------------------------------------------------------------------------------
+
+    def purge_before(self, cutoff: float) -> tuple[int, int]:
+        """Delete the cards issued before ``cutoff`` (the screening log's rows, with their patient ids)
+        and the feedback received before it or given on those cards, in one transaction.
+
+        Returns (cards, feedback items) deleted.
+        """
+        feedback_count, card_count = self._write_all(
+            [(_PURGE_FEEDBACK, (float(cutoff), float(cutoff))), (_PURGE_CARDS, (float(cutoff),))]
+        )
+        if card_count or feedback_count:
+            log.info(
+                "retention purge",
+                extra={"fields": {"cards": card_count, "feedback": feedback_count}},
+            )
+        return card_count, feedback_count
+
+    def purge_if_due(self, retention_days: float, now: float | None = None) -> bool:
+        """Run :meth:`purge_before` (now − ``retention_days``) at most once per
+        :data:`RETENTION_PURGE_INTERVAL` per store and process; True when it ran."""
+        now = time.time() if now is None else now
+        if now - self._last_retention_purge < RETENTION_PURGE_INTERVAL:
+            return False
+        self._last_retention_purge = now  # a race only runs one more (idempotent) purge
+        self.purge_before(now - float(retention_days) * 86400.0)
+        return True
+
 
 # ------------------------------------------------------------------------------------------- SQLite
 
@@ -616,10 +811,13 @@ class SqliteStore(Store):
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
-        conn.execute("BEGIN IMMEDIATE")
+        version = _schema_version(conn.execute, SQLITE_DIALECT)
+        _warn_if_newer(version, str(self.path))
+        if version >= SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")  # the schema lock: one process migrates, the others wait
         try:
-            for statement in _schema("REAL", "INTEGER PRIMARY KEY AUTOINCREMENT"):
-                conn.execute(statement)
+            _migrate(conn.execute, SQLITE_DIALECT, str(self.path))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -641,11 +839,11 @@ class SqliteStore(Store):
     def _open(self) -> sqlite3.Connection:
         return self._connect()
 
-    def _write_raw(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
-        def attempt() -> int:
+    def _write_raw(self, conn: sqlite3.Connection, batch: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        def attempt() -> list[int]:
             conn.execute("BEGIN IMMEDIATE")  # take the write lock up front: no deadlock on upgrade
             try:
-                changed = conn.execute(sql, params).rowcount
+                changed = [conn.execute(sql, params).rowcount for sql, params in batch]
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -653,7 +851,7 @@ class SqliteStore(Store):
                 raise
             return changed
 
-        return int(self._retry_locked(attempt))
+        return list(self._retry_locked(attempt))
 
     def _read_raw(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return self._retry_locked(lambda: conn.execute(sql, params).fetchall())
@@ -680,9 +878,6 @@ if hasattr(os, "register_at_fork"):
 # --------------------------------------------------------------------------------------- PostgreSQL
 
 
-_PG_ID_COLUMN = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-
-
 class PostgresStore(Store):
     """PostgreSQL through psycopg 3: one autocommit connection per thread, schema created if missing."""
 
@@ -697,10 +892,12 @@ class PostgresStore(Store):
         self.url = url
         conn = self._open_unchecked()
         try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK_KEY,))
-                for statement in _schema("DOUBLE PRECISION", _PG_ID_COLUMN):
-                    conn.execute(statement)
+            version = _schema_version(conn.execute, POSTGRES_DIALECT)
+            _warn_if_newer(version, repr(self))
+            if version < SCHEMA_VERSION:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK_KEY,))
+                    _migrate(conn.execute, POSTGRES_DIALECT, repr(self))
         except BaseException:
             conn.close()
             raise
@@ -726,8 +923,12 @@ class PostgresStore(Store):
     def _open(self) -> Any:
         return self._open_unchecked()
 
-    def _write_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> int:
-        return int(conn.execute(sql, params).rowcount)
+    def _write_raw(self, conn: Any, batch: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        if len(batch) == 1:  # autocommit: one statement is its own transaction
+            ((sql, params),) = batch
+            return [int(conn.execute(sql, params).rowcount)]
+        with conn.transaction():
+            return [int(conn.execute(sql, params).rowcount) for sql, params in batch]
 
     def _read_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return list(conn.execute(sql, params).fetchall())

@@ -70,6 +70,10 @@ DEFAULTS: dict[str, Any] = {
     "store": {
         # sqlite:///path or postgresql://user@host:port/db
         "url": "sqlite:///var/cds-service.sqlite3",
+        # Issued cards (the screening log, with patient ids) and feedback older than this are purged.
+        "retention_days": 365,
+        # The longest a hook waits for the store (silence check, recording its cards) before answering.
+        "hook_timeout_seconds": 0.2,
     },
     "security": {
         # issuer -> {jwks_file: path} or {jwks_url: url} ; jku_allow: list of URL prefixes
@@ -137,7 +141,11 @@ SCHEMA: dict[str, Any] = {
     },
     "store": {
         "type": "dict",
-        "schema": {"url": {"type": "string", "regex": r"^(sqlite|postgresql|postgres)://.*"}},
+        "schema": {
+            "url": {"type": "string", "regex": r"^(sqlite|postgresql|postgres)://.*"},
+            "retention_days": {"type": "number", "min": 1, "max": 36500},
+            "hook_timeout_seconds": {"type": "number", "min": 0.01, "max": 10},
+        },
     },
     "security": {
         "type": "dict",

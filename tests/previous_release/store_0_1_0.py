@@ -1,0 +1,816 @@
+"""Persistent state: issued cards (the screening log), card feedback and the JWT ``jti`` replay cache.
+
+``open_store(url)`` returns a :class:`SqliteStore` (``sqlite:///relative/path`` or
+``sqlite:////absolute/path``) or a :class:`PostgresStore` (``postgresql://user@host:port/db``). Both
+keep the same three tables and behave the same way; the SQL lives in :class:`Store` and the
+subclasses only manage connections.
+
+Feedback carries no patient id, so the issued-card row is what ties a card uuid back to its patient
+and trial. That row *is* the screening log (one row per card) — there is no second copy. Patient ids
+live only here. Nothing secret (tokens, JWTs) is ever stored.
+
+Concurrency model: one connection per thread, opened lazily and owned by the process that opened it.
+Gunicorn forks workers after the app (and its store) is created, so a process never uses a connection
+it inherited: it notices the pid change, abandons the inherited connections without closing them and
+opens its own. SQLite connections that are idle when the process forks are closed just before the
+fork (SQLite must not have a connection open across ``fork()``). Every write is one statement in its
+own transaction and every insert is ``ON CONFLICT DO NOTHING``, so client retries are harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "CSV_COLUMNS",
+    "Feedback",
+    "IssuedCard",
+    "OverrideInfo",
+    "PostgresStore",
+    "ScreeningEvent",
+    "ScreeningLogRow",
+    "SqliteStore",
+    "Store",
+    "export_screening_csv",
+    "open_store",
+]
+
+OUTCOMES = ("accepted", "overridden")
+#: The reason code the service stores on accepted feedback that accepted the referral suggestion.
+REFERRAL_REASON = "referral"
+#: A remembered ``jti`` stays a replay for this long after the ``expires_at`` it was stored with.
+JTI_GRACE_SECONDS = 600.0
+#: Expired ``jti`` rows are purged at most this often (seconds) per store and process …
+JTI_PURGE_INTERVAL = 300.0
+#: … or after this many ``remember_jti`` calls, whichever comes first.
+JTI_PURGE_EVERY = 1000
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+PG_CONNECT_TIMEOUT_SECONDS = 5
+_PG_SCHEMA_LOCK_KEY = 0x0C_D5_5E_97  # pg_advisory_xact_lock key serialising schema creation
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    """A card the service returned; ``status`` is the trial status at issue time."""
+
+    card_uuid: str
+    patient_id: str
+    trial_id: str
+    hook_instance: str
+    issued_at: float  # epoch seconds, UTC
+    status: str  # "eligible" | "possibly_eligible" | "upcoming"
+    criteria_unmet: list[str] = field(default_factory=list)
+    criteria_unknown: list[str] = field(default_factory=list)
+    criteria_to_confirm: list[str] = field(default_factory=list)
+
+
+#: One screening-log entry per issued card: the same record, the same row.
+ScreeningEvent = IssuedCard
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One entry of a CDS Hooks feedback message, keyed by (card_uuid, outcome, outcome_timestamp)."""
+
+    card_uuid: str
+    outcome: str  # "accepted" | "overridden"
+    outcome_timestamp: float  # epoch seconds, UTC
+    received_at: float
+    reason_code: str | None = None
+    reason_display: str | None = None
+    user_comment: str | None = None
+    accepted_suggestions: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OverrideInfo:
+    """The latest override of a card for one patient and trial; ``status`` is the card's status."""
+
+    card_uuid: str
+    status: str
+    time: float  # outcome timestamp, epoch seconds
+    reason_code: str | None = None
+    reason_display: str | None = None
+    user_comment: str | None = None
+    outcome: str = "overridden"  # "accepted" only from :meth:`Store.last_override_or_referral`
+
+    @property
+    def reason(self) -> str | None:
+        return _reason_text(self.reason_code, self.reason_display, self.user_comment)
+
+
+@dataclass(frozen=True)
+class ScreeningLogRow:
+    """One issued card joined with its latest feedback (``outcome`` is None when there is none)."""
+
+    time: float
+    patient_id: str
+    trial_id: str
+    status: str
+    criteria_unmet: list[str]
+    criteria_unknown: list[str]
+    criteria_to_confirm: list[str]
+    card_uuid: str
+    outcome: str | None = None
+    reason: str | None = None
+    outcome_time: float | None = None
+
+
+def _override_info(
+    card_uuid: str,
+    status: str,
+    outcome_ts: float,
+    code: str | None,
+    display: str | None,
+    comment: str | None,
+    outcome: str = "overridden",
+) -> OverrideInfo:
+    """An override (or referral) row of the store's queries."""
+    return OverrideInfo(
+        card_uuid=card_uuid,
+        status=status,
+        time=float(outcome_ts),
+        reason_code=code,
+        reason_display=display,
+        user_comment=comment,
+        outcome=outcome,
+    )
+
+
+def _reason_text(code: str | None, display: str | None, comment: str | None) -> str | None:
+    base = display or code
+    if comment:
+        return f"{base} ({comment})" if base else comment
+    return base
+
+
+def _log_row(row: Sequence[Any]) -> ScreeningLogRow:
+    """A row of the ``_SCREENING_LOG`` query as a :class:`ScreeningLogRow`."""
+    issued_at, patient, trial, status, unmet, unknown, confirm, card_uuid, outcome, code, display = row[:11]
+    comment, outcome_ts = row[11:13]
+    return ScreeningLogRow(
+        time=float(issued_at),
+        patient_id=patient,
+        trial_id=trial,
+        status=status,
+        criteria_unmet=_load_list(unmet),
+        criteria_unknown=_load_list(unknown),
+        criteria_to_confirm=_load_list(confirm),
+        card_uuid=card_uuid,
+        outcome=outcome,
+        reason=_reason_text(code, display, comment),
+        outcome_time=None if outcome_ts is None else float(outcome_ts),
+    )
+
+
+def _dump_list(items: Sequence[str]) -> str:
+    return json.dumps([str(item) for item in items], ensure_ascii=False)
+
+
+def _load_list(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return [str(item) for item in value] if isinstance(value, list) else []
+
+
+# ----------------------------------------------------------------------------------------------- SQL
+
+_INSERT_CARD = """
+INSERT INTO issued_card (card_uuid, patient_id, trial_id, hook_instance, issued_at, status,
+                         criteria_unmet, criteria_unknown, criteria_to_confirm)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (card_uuid) DO NOTHING
+"""
+
+_CARD_COLUMNS = """card_uuid, patient_id, trial_id, hook_instance, issued_at, status,
+                   criteria_unmet, criteria_unknown, criteria_to_confirm"""
+
+_SELECT_CARD = f"SELECT {_CARD_COLUMNS} FROM issued_card WHERE card_uuid = ?"
+
+_INSERT_FEEDBACK = """
+INSERT INTO card_feedback (card_uuid, outcome, outcome_timestamp, received_at, reason_code,
+                           reason_display, user_comment, accepted_suggestions)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (card_uuid, outcome, outcome_timestamp) DO NOTHING
+"""
+
+_SELECT_FEEDBACK = """
+SELECT card_uuid, outcome, outcome_timestamp, received_at, reason_code, reason_display, user_comment,
+       accepted_suggestions
+FROM card_feedback WHERE card_uuid = ? ORDER BY outcome_timestamp, id
+"""
+
+_LAST_OVERRIDE = """
+SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment
+FROM issued_card c JOIN card_feedback f ON f.card_uuid = c.card_uuid
+WHERE c.patient_id = ? AND c.trial_id = ? AND f.outcome = 'overridden' AND f.outcome_timestamp >= ?
+ORDER BY f.outcome_timestamp DESC, f.id DESC
+LIMIT 1
+"""
+
+_LAST_OVERRIDE_OR_REFERRAL = """
+SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment,
+       f.outcome
+FROM issued_card c JOIN card_feedback f ON f.card_uuid = c.card_uuid
+WHERE c.patient_id = ? AND c.trial_id = ? AND f.outcome_timestamp >= ?
+  AND (f.outcome = 'overridden' OR (f.outcome = 'accepted' AND f.reason_code = ?))
+ORDER BY f.outcome_timestamp DESC, f.id DESC
+LIMIT 1
+"""
+
+# A row whose expiry (plus grace) has passed may be taken over by a new token with the same jti.
+_REMEMBER_JTI = """
+INSERT INTO jwt_jti (issuer, jti, expires_at) VALUES (?, ?, ?)
+ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at
+WHERE jwt_jti.expires_at < ?
+"""
+
+_PURGE_JTI = "DELETE FROM jwt_jti WHERE expires_at < ?"
+
+_SCREENING_LOG = """
+SELECT c.issued_at, c.patient_id, c.trial_id, c.status, c.criteria_unmet, c.criteria_unknown,
+       c.criteria_to_confirm, c.card_uuid, f.outcome, f.reason_code, f.reason_display, f.user_comment,
+       f.outcome_timestamp
+FROM issued_card c
+LEFT JOIN (
+    SELECT card_uuid, outcome, reason_code, reason_display, user_comment, outcome_timestamp,
+           ROW_NUMBER() OVER (PARTITION BY card_uuid ORDER BY outcome_timestamp DESC, id DESC) AS rn
+    FROM card_feedback
+) f ON f.card_uuid = c.card_uuid AND f.rn = 1
+{where}
+ORDER BY c.issued_at, c.card_uuid
+"""
+
+
+def _schema(float_type: str, id_column: str) -> list[str]:
+    """The DDL shared by both backends; only the float type and the surrogate key differ."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS issued_card (
+            card_uuid TEXT PRIMARY KEY,
+            patient_id TEXT NOT NULL,
+            trial_id TEXT NOT NULL,
+            hook_instance TEXT,
+            issued_at {float_type} NOT NULL,
+            status TEXT NOT NULL,
+            criteria_unmet TEXT NOT NULL,
+            criteria_unknown TEXT NOT NULL,
+            criteria_to_confirm TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS issued_card_patient_trial ON issued_card (patient_id, trial_id)",
+        "CREATE INDEX IF NOT EXISTS issued_card_issued_at ON issued_card (issued_at)",
+        f"""CREATE TABLE IF NOT EXISTS card_feedback (
+            id {id_column},
+            card_uuid TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('accepted', 'overridden')),
+            outcome_timestamp {float_type} NOT NULL,
+            received_at {float_type} NOT NULL,
+            reason_code TEXT,
+            reason_display TEXT,
+            user_comment TEXT,
+            accepted_suggestions TEXT NOT NULL,
+            UNIQUE (card_uuid, outcome, outcome_timestamp)
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS jwt_jti (
+            issuer TEXT NOT NULL,
+            jti TEXT NOT NULL,
+            expires_at {float_type} NOT NULL,
+            PRIMARY KEY (issuer, jti)
+        )""",
+        "CREATE INDEX IF NOT EXISTS jwt_jti_expires_at ON jwt_jti (expires_at)",
+    ]
+
+
+# ------------------------------------------------------------------------------------ connections
+
+# Connections inherited through fork(): kept referenced so they are never finalised (closed) in the
+# child, which would disturb the parent's session or SQLite's file locks.
+_ABANDONED: list[Any] = []
+_FORK_LOCK = threading.Lock()
+
+
+def _renew_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+class _Conn:
+    """One thread's connection. ``lock`` is held while it is in use (and while it is being closed)."""
+
+    __slots__ = ("closed", "lock", "raw", "thread")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.thread = threading.current_thread()
+        self.lock = threading.Lock()
+        self.closed = False
+
+
+class Store(ABC):
+    """The service's persistent state. Thread-safe and fork-safe; see the module docstring."""
+
+    #: "sqlite" or "postgresql"
+    kind: str = ""
+    _placeholder = "?"
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._conns: list[_Conn] = []
+        self._conns_lock = threading.Lock()
+        self._jti_calls = 0
+        self._last_purge = time.time()
+
+    # -- backend hooks ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def _open(self) -> Any:
+        """A new raw connection, ready for use (schema already ensured by the constructor)."""
+
+    @abstractmethod
+    def _write_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> int:
+        """Run one statement in its own transaction and return the number of rows it changed."""
+
+    @abstractmethod
+    def _read_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Run one query and return all its rows."""
+
+    def _is_broken(self, conn: Any, exc: Exception) -> bool:
+        """Whether ``exc`` means ``conn`` is unusable and the statement may be retried on a new one."""
+        return False
+
+    # -- connection management -----------------------------------------------------------------
+
+    def _check_pid(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with _FORK_LOCK:
+            if self._pid == pid:
+                return
+            _ABANDONED.extend(holder.raw for holder in self._conns if not holder.closed)
+            self._conns = []
+            self._conns_lock = threading.Lock()
+            self._local = threading.local()
+            self._pid = pid
+
+    def _holder(self) -> _Conn:
+        self._check_pid()
+        holder: _Conn | None = getattr(self._local, "conn", None)
+        if holder is None or holder.closed:
+            holder = _Conn(self._open())
+            self._local.conn = holder
+            with self._conns_lock:
+                stale = [h for h in self._conns if h.closed or not h.thread.is_alive()]
+                self._conns = [h for h in self._conns if h not in stale] + [holder]
+            for old in stale:
+                self._close_holder(old, blocking=False)
+        return holder
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[_Conn]:
+        while True:
+            holder = self._holder()
+            with holder.lock:
+                if holder.closed:  # closed by close() or the pre-fork hook meanwhile
+                    continue
+                yield holder
+                return
+
+    def _close_holder(self, holder: _Conn, blocking: bool = True) -> bool:
+        if not holder.lock.acquire(blocking=blocking):
+            return False
+        try:
+            if not holder.closed:
+                holder.closed = True
+                with contextlib.suppress(Exception):
+                    holder.raw.close()
+            return True
+        finally:
+            holder.lock.release()
+
+    def _run(self, write: bool, sql: str, params: Sequence[Any]) -> Any:
+        if self._placeholder != "?":
+            sql = sql.replace("?", self._placeholder)
+        for attempt in range(2):
+            with self._connection() as holder:
+                try:
+                    if write:
+                        return self._write_raw(holder.raw, sql, params)
+                    return self._read_raw(holder.raw, sql, params)
+                except Exception as exc:
+                    if attempt == 0 and self._is_broken(holder.raw, exc):
+                        holder.closed = True
+                        with contextlib.suppress(Exception):
+                            holder.raw.close()
+                        continue
+                    raise
+        raise AssertionError("unreachable")
+
+    def _write(self, sql: str, params: Sequence[Any]) -> int:
+        return int(self._run(True, sql, params))
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._run(False, sql, params))
+
+    def close(self) -> None:
+        """Close this process's connections. The store stays usable: later calls reconnect."""
+        self._check_pid()
+        with self._conns_lock:
+            holders, self._conns = self._conns, []
+        for holder in holders:
+            self._close_holder(holder)
+        self._local = threading.local()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- cards and the screening log -----------------------------------------------------------
+
+    def record_card(self, card: IssuedCard) -> None:
+        """Remember an issued card (and so log the screening). Recording the same uuid again is a no-op."""
+        self._write(
+            _INSERT_CARD,
+            (
+                card.card_uuid,
+                card.patient_id,
+                card.trial_id,
+                card.hook_instance,
+                float(card.issued_at),
+                card.status,
+                _dump_list(card.criteria_unmet),
+                _dump_list(card.criteria_unknown),
+                _dump_list(card.criteria_to_confirm),
+            ),
+        )
+
+    def log_screening(self, row: ScreeningEvent) -> None:
+        """Log an evaluation that produced a card: the issued-card row is the log row (idempotent)."""
+        self.record_card(row)
+
+    def get_card(self, card_uuid: str) -> IssuedCard | None:
+        rows = self._read(_SELECT_CARD, (card_uuid,))
+        if not rows:
+            return None
+        uuid_, patient, trial, hook_instance, issued_at, status, unmet, unknown, confirm = rows[0]
+        return IssuedCard(
+            card_uuid=uuid_,
+            patient_id=patient,
+            trial_id=trial,
+            hook_instance=hook_instance or "",
+            issued_at=float(issued_at),
+            status=status,
+            criteria_unmet=_load_list(unmet),
+            criteria_unknown=_load_list(unknown),
+            criteria_to_confirm=_load_list(confirm),
+        )
+
+    def screening_log(self, since: float | None = None, trial_id: str | None = None) -> list[ScreeningLogRow]:
+        """Issued cards (oldest first) with their latest feedback; ``since`` filters on issue time."""
+        conditions: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            conditions.append("c.issued_at >= ?")
+            params.append(float(since))
+        if trial_id is not None:
+            conditions.append("c.trial_id = ?")
+            params.append(trial_id)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        return [_log_row(row) for row in self._read(_SCREENING_LOG.format(where=where), params)]
+
+    # -- feedback --------------------------------------------------------------------------------
+
+    def record_feedback(self, fb: Feedback) -> bool:
+        """Store one feedback entry; False when the same (card, outcome, outcome time) is already stored.
+
+        Feedback for a card uuid the store does not know is stored too (it never shows in the
+        screening log, which starts from issued cards); callers may check :meth:`get_card` first.
+        """
+        if fb.outcome not in OUTCOMES:
+            raise ValueError(f"feedback outcome must be one of {OUTCOMES}, not {fb.outcome!r}")
+        changed = self._write(
+            _INSERT_FEEDBACK,
+            (
+                fb.card_uuid,
+                fb.outcome,
+                float(fb.outcome_timestamp),
+                float(fb.received_at),
+                fb.reason_code,
+                fb.reason_display,
+                fb.user_comment,
+                _dump_list(fb.accepted_suggestions),
+            ),
+        )
+        return changed > 0
+
+    def feedback_for_card(self, card_uuid: str) -> list[Feedback]:
+        """Every stored feedback entry for one card, oldest outcome first."""
+        return [
+            Feedback(
+                card_uuid=uuid_,
+                outcome=outcome,
+                outcome_timestamp=float(outcome_ts),
+                received_at=float(received_at),
+                reason_code=code,
+                reason_display=display,
+                user_comment=comment,
+                accepted_suggestions=_load_list(accepted),
+            )
+            for uuid_, outcome, outcome_ts, received_at, code, display, comment, accepted in self._read(
+                _SELECT_FEEDBACK, (card_uuid,)
+            )
+        ]
+
+    def last_override(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
+        """The most recent override (outcome time >= ``since``) of any card for this patient and trial."""
+        rows = self._read(_LAST_OVERRIDE, (patient_id, trial_id, float(since)))
+        return _override_info(*rows[0]) if rows else None
+
+    def last_override_or_referral(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
+        """The latest override, or acceptance recorded as a referral (reason code :data:`REFERRAL_REASON`),
+        with outcome time >= ``since``, of any card for this patient and trial."""
+        rows = self._read(_LAST_OVERRIDE_OR_REFERRAL, (patient_id, trial_id, float(since), REFERRAL_REASON))
+        return _override_info(*rows[0]) if rows else None
+
+    # -- JWT replay cache -----------------------------------------------------------------------
+
+    def remember_jti(self, issuer: str, jti: str, expires_at: float) -> bool:
+        """Atomically remember a token id: True the first time, False for a replay.
+
+        Pass the token's ``exp`` plus the allowed clock skew. A row counts as a replay until
+        ``expires_at + JTI_GRACE_SECONDS``; expired rows are purged now and then.
+        """
+        now = time.time()
+        fresh = self._write(_REMEMBER_JTI, (issuer, jti, float(expires_at), now - JTI_GRACE_SECONDS)) > 0
+        self._jti_calls += 1  # a lost increment under a race only delays the purge
+        if self._jti_calls >= JTI_PURGE_EVERY or now - self._last_purge >= JTI_PURGE_INTERVAL:
+            self._jti_calls = 0
+            self._last_purge = now
+            self.purge_expired_jti(now)
+        return fresh
+
+    def purge_expired_jti(self, now: float | None = None) -> int:
+        """Delete ``jti`` rows past their expiry plus grace; returns how many went."""
+        now = time.time() if now is None else now
+        return self._write(_PURGE_JTI, (now - JTI_GRACE_SECONDS,))
+
+
+# ------------------------------------------------------------------------------------------- SQLite
+
+_SQLITE_STORES: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
+
+
+class SqliteStore(Store):
+    """SQLite in WAL mode; safe with several processes and threads (one connection per thread)."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = Path(path).resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            self._retry_locked(lambda: self._init_schema(conn))
+        finally:
+            conn.close()  # no connection stays open here: the app may fork right after this
+        _SQLITE_STORES.add(self)
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,  # autocommit; transactions are explicit
+            check_same_thread=False,  # only its own thread uses it, but close() may come from another
+        )
+        conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _schema("REAL", "INTEGER PRIMARY KEY AUTOINCREMENT"):
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _retry_locked(action: Any, attempts: int = 5) -> Any:
+        """Retry on 'database is locked' beyond the busy timeout (journal-mode switches, start-up)."""
+        for attempt in range(attempts):
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or attempt == attempts - 1:
+                    raise
+                time.sleep(min(0.05 * (attempt + 1), 0.5))
+        raise AssertionError("unreachable")
+
+    def _open(self) -> sqlite3.Connection:
+        return self._connect()
+
+    def _write_raw(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
+        def attempt() -> int:
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock up front: no deadlock on upgrade
+            try:
+                changed = conn.execute(sql, params).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return changed
+
+        return int(self._retry_locked(attempt))
+
+    def _read_raw(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._retry_locked(lambda: conn.execute(sql, params).fetchall())
+
+    def _close_idle_before_fork(self) -> None:
+        if self._pid != os.getpid():
+            return
+        with self._conns_lock:
+            holders = list(self._conns)
+        for holder in holders:
+            self._close_holder(holder, blocking=False)  # one busy in another thread is abandoned
+
+
+def _close_sqlite_before_fork() -> None:
+    for store in list(_SQLITE_STORES):
+        with contextlib.suppress(Exception):
+            store._close_idle_before_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_sqlite_before_fork, after_in_child=_renew_fork_lock)
+
+
+# --------------------------------------------------------------------------------------- PostgreSQL
+
+
+_PG_ID_COLUMN = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+
+
+class PostgresStore(Store):
+    """PostgreSQL through psycopg 3: one autocommit connection per thread, schema created if missing."""
+
+    kind = "postgresql"
+    _placeholder = "%s"
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # imported here so SQLite-only deployments never need libpq
+
+        super().__init__()
+        self._psycopg = psycopg
+        self.url = url
+        conn = self._open_unchecked()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK_KEY,))
+                for statement in _schema("DOUBLE PRECISION", _PG_ID_COLUMN):
+                    conn.execute(statement)
+        except BaseException:
+            conn.close()
+            raise
+        self._adopt(conn)
+
+    def __repr__(self) -> str:
+        info = self._psycopg.conninfo.conninfo_to_dict(self.url)
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        return f"PostgresStore({where!r})"
+
+    def _adopt(self, conn: Any) -> None:
+        holder = _Conn(conn)
+        self._local.conn = holder
+        with self._conns_lock:
+            self._conns.append(holder)
+
+    def _open_unchecked(self) -> Any:
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in self.url:
+            kwargs["connect_timeout"] = PG_CONNECT_TIMEOUT_SECONDS
+        return self._psycopg.connect(self.url, **kwargs)
+
+    def _open(self) -> Any:
+        return self._open_unchecked()
+
+    def _write_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> int:
+        return int(conn.execute(sql, params).rowcount)
+
+    def _read_raw(self, conn: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return list(conn.execute(sql, params).fetchall())
+
+    def _is_broken(self, conn: Any, exc: Exception) -> bool:
+        return isinstance(exc, self._psycopg.OperationalError) and (conn.closed or conn.broken)
+
+
+# ------------------------------------------------------------------------------------------ factory
+
+
+def open_store(url: str) -> Store:
+    """Open (creating if needed) the store named by ``url``.
+
+    ``sqlite:///var/x.sqlite3`` is relative to the current directory (its parent folder is created),
+    ``sqlite:////abs/x.sqlite3`` absolute; ``postgresql://`` / ``postgres://`` URLs go to libpq as-is.
+    """
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+        if not path or path == ":memory:" or path.startswith("file:"):
+            raise ValueError(f"store url {url!r}: give a database file path (in-memory SQLite is not shared)")
+        return SqliteStore(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    raise ValueError(f"store url {url!r}: expected sqlite:///path or postgresql://user@host:port/db")
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+CSV_COLUMNS = (
+    "time",
+    "patient_id",
+    "trial",
+    "status",
+    "criteria_unmet",
+    "criteria_unknown",
+    "criteria_to_confirm",
+    "card_uuid",
+    "outcome",
+    "reason",
+    "outcome_time",
+)
+
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_text(text: str | None) -> str:
+    """Free text typed by users must not become a spreadsheet formula when the CSV is opened."""
+    if not text:
+        return ""
+    return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
+
+
+def export_screening_csv(rows: Iterable[ScreeningLogRow], stream: IO[str]) -> int:
+    """Write the screening log as CSV (header :data:`CSV_COLUMNS`); returns the number of data rows.
+
+    Times are ISO 8601 UTC (``2024-05-01T13:45:00Z``), lists are joined with ``"; "``, a missing
+    outcome is an empty cell. Open ``stream`` with ``newline=""``.
+    """
+    writer = csv.writer(stream)
+    writer.writerow(CSV_COLUMNS)
+    count = 0
+    for row in rows:
+        writer.writerow(
+            (
+                _iso(row.time),
+                row.patient_id,
+                row.trial_id,
+                row.status,
+                "; ".join(row.criteria_unmet),
+                "; ".join(row.criteria_unknown),
+                "; ".join(row.criteria_to_confirm),
+                row.card_uuid,
+                row.outcome or "",
+                _free_text(row.reason),
+                _iso(row.outcome_time),
+            )
+        )
+        count += 1
+    return count
