@@ -6,11 +6,13 @@ process that uses them, never in the gunicorn master before the fork.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .base.config import Settings
 from .base.errors import HookError
@@ -25,8 +27,78 @@ from .store import REFERRAL_REASON, Feedback, IssuedCard, OverrideInfo, Store, o
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 SERVICE_ID = "septic-shock-trial-screening"
 HOOK = "patient-view"
+
+
+class StoreGate:
+    """Runs the hook path's store calls on a few threads of their own and waits for each at most a
+    given time, so that a slow or unreachable store cannot hold up the answer.
+
+    A call still running at its timeout goes on in the background (a card row is then recorded a
+    little after the answer, or its failure is logged). At most ``max_backlog`` calls wait or run at
+    once; beyond that a call is not started at all (and logged), so an unreachable store cannot pile
+    up work. Fork-safe: a child process gets its own threads on first use.
+    """
+
+    def __init__(self, threads: int = 2, max_backlog: int = 64) -> None:
+        self._threads = threads
+        self._max_backlog = max_backlog
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._backlog = 0
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self._threads, thread_name_prefix="store"
+                )
+                self._pid, self._backlog = os.getpid(), 0
+            return self._executor
+
+    def call(self, what: str, work: Callable[[], _T], timeout: float | None) -> tuple[bool, _T | None]:
+        """``(True, result)`` when ``work`` finished within ``timeout`` seconds (None: do not wait),
+        else ``(False, None)``. Exceptions of ``work`` are logged here, never raised."""
+        pool = self._pool()
+        with self._lock:
+            if self._backlog >= self._max_backlog:
+                log.error("store backlog full: %s skipped", what)
+                return False, None
+            self._backlog += 1
+
+        def run() -> _T | None:
+            try:
+                return work()
+            except Exception:
+                log.exception("store unavailable: %s failed", what)
+                raise
+            finally:
+                with self._lock:
+                    self._backlog -= 1
+
+        future = pool.submit(run)
+        if timeout is None:
+            return False, None
+        try:
+            return True, future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            log.warning("store slow: answering before %s finished (it goes on in the background)", what)
+            return False, None
+        except Exception:
+            return False, None  # already logged by run()
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait until every queued call has finished (tests; a stopping worker)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._backlog <= 0:
+                    return
+            time.sleep(0.01)
 
 
 class ServiceState:
@@ -38,6 +110,7 @@ class ServiceState:
         self._lock = threading.Lock()
         self._client: FhirClient | None = None
         self._store: Store | None = None
+        self.store_gate = StoreGate()
         self.verifier: Any = None
         if settings.auth_enabled:
             from .protocol.auth import JwtVerifier
@@ -131,92 +204,117 @@ class ServiceState:
         """Render, remember and return a card per result that shows one, minus the silenced ones.
 
         Each card is written to the store before it is returned (card uuid -> patient, trial, hook
-        instance, time, status): that row is the screening log and what feedback is matched to. If
-        the store cannot be reached the cards are still returned — clinicians keep the information;
-        their feedback will then be logged as feedback for an unknown card.
+        instance, time, status): that row is the screening log and what feedback is matched to. The
+        store gets ``store.hook_timeout_seconds`` for the silence check and as long again for the
+        write; when it is slower or down the cards are returned anyway — clinicians keep the
+        information — and the log says so (a slow write still completes in the background; feedback
+        on a card that never reached the store is logged as feedback for an unknown card).
         """
+        store_settings = self.settings.section("store")
+        timeout = float(store_settings["hook_timeout_seconds"])
         silence = float(self.settings.section("screening")["override_silence_hours"]) * 3600
-        store_ok = True  # after one failure this call stops trying (each attempt may wait for a timeout)
+        shown = [result for result in results if result.shows_card]
+        previous: dict[str, OverrideInfo | None] = {}
+        if silence and shown:
+            trial_ids = [result.trial.id for result in shown]
+
+            def lookup() -> dict[str, OverrideInfo | None]:
+                return {
+                    trial_id: self.store.last_override_or_referral(request.patient_id, trial_id, at - silence)
+                    for trial_id in trial_ids
+                }
+
+            done, found = self.store_gate.call("the silence check", lookup, timeout)
+            if done and found is not None:
+                previous = found
+            else:
+                log.warning("cards shown without the silence check (store slow or unavailable)")
         cards: list[dict[str, Any]] = []
-        for result in results:
-            if not result.shows_card:
-                continue
+        rows: list[IssuedCard] = []
+        for result in shown:
             trial_id = result.trial.id
-            previous: OverrideInfo | None = None
-            if silence and store_ok:
-                try:
-                    previous = self.store.last_override_or_referral(
-                        request.patient_id, trial_id, at - silence
-                    )
-                except Exception:
-                    log.exception("store unavailable: cards shown without the silence check")
-                    store_ok = False
-            if previous is not None and keeps_silent(previous, result.status):
+            earlier = previous.get(trial_id)
+            if earlier is not None and keeps_silent(earlier, result.status):
                 log.info(
                     "card silenced by earlier feedback",
                     extra={
-                        "fields": {"trial": trial_id, "outcome": previous.outcome, "card": previous.card_uuid}
+                        "fields": {"trial": trial_id, "outcome": earlier.outcome, "card": earlier.card_uuid}
                     },
                 )
                 continue
             card = self.screener.renderer.render(
                 result, patient_id=request.patient_id, user_id=request.user_id
             )
-            if store_ok:
-                try:
-                    self.store.log_screening(
-                        IssuedCard(
-                            card_uuid=card["uuid"],
-                            patient_id=request.patient_id,
-                            trial_id=trial_id,
-                            hook_instance=request.hook_instance,
-                            issued_at=at,
-                            status=result.status,
-                            criteria_unmet=[r.criterion.id for r in result.blocking],
-                            criteria_unknown=[r.criterion.id for r in result.unknown],
-                            criteria_to_confirm=[r.criterion.id for r in result.to_confirm],
-                        )
-                    )
-                except Exception:
-                    log.exception("store unavailable: cards shown but not in the screening log")
-                    store_ok = False
+            rows.append(
+                IssuedCard(
+                    card_uuid=card["uuid"],
+                    patient_id=request.patient_id,
+                    trial_id=trial_id,
+                    hook_instance=request.hook_instance,
+                    issued_at=at,
+                    status=result.status,
+                    criteria_unmet=[r.criterion.id for r in result.blocking],
+                    criteria_unknown=[r.criterion.id for r in result.unknown],
+                    criteria_to_confirm=[r.criterion.id for r in result.to_confirm],
+                )
+            )
             self.metrics.card_issued(trial_id, result.status)
             cards.append(card)
+        if rows:
+            self.store_gate.call(
+                f"recording {len(rows)} issued card(s)", lambda: self.store.record_cards(rows), timeout
+            )
+        retention_days = float(store_settings["retention_days"])
+        self.store_gate.call("the retention purge", lambda: self.store.purge_if_due(retention_days), None)
         return cards
 
-    def record_feedback(self, item: dict[str, Any], outcome_time: float) -> None:
-        """Store one feedback entry (idempotent); an accepted referral suggestion is logged as a referral.
+    def record_feedback(self, items: list[tuple[dict[str, Any], float]]) -> None:
+        """Store the entries of one feedback message, all or none (idempotent per entry); an accepted
+        referral suggestion is logged as a referral. ``items`` holds (entry, outcome time) pairs.
 
         Feedback for a card uuid the store does not know is stored and logged, never refused: clients
         retry, and a card issued while the store was down is unknown to it.
         """
+        received = time.time()
+        entries = [(item, self._feedback(item, outcome_time, received)) for item, outcome_time in items]
+        fresh = self.store.record_feedback_items([feedback for _, feedback in entries])
+        for (item, feedback), new in zip(entries, fresh, strict=True):
+            card = self.store.get_card(feedback.card_uuid)
+            referral = feedback.reason_code == REFERRAL_REASON and feedback.outcome == "accepted"
+            fields: dict[str, Any] = {
+                "outcome": feedback.outcome,
+                "card": feedback.card_uuid,
+                "repeat": not new,
+            }
+            if card is None:
+                log.info("feedback for an unknown card accepted", extra={"fields": fields})
+            elif referral:
+                log.info(
+                    "referral to the research team recorded",
+                    extra={"fields": {**fields, "trial": card.trial_id}},
+                )
+            else:
+                log.info("feedback recorded", extra={"fields": {**fields, "trial": card.trial_id}})
+            self.metrics.feedback(item["outcome"], new)
+
+    @staticmethod
+    def _feedback(item: dict[str, Any], outcome_time: float, received: float) -> Feedback:
+        """A validated feedback entry as a store record (an accepted referral gets REFERRAL_REASON)."""
         card_uuid = item["card"].lower()
         override = item.get("overrideReason") or {}
         reason = override.get("reason") or {}
         accepted = [str(s["id"]).lower() for s in item.get("acceptedSuggestions") or []]
         referral = item["outcome"] == "accepted" and referral_suggestion_uuid(card_uuid) in accepted
-        feedback = Feedback(
+        return Feedback(
             card_uuid=card_uuid,
             outcome=item["outcome"],
             outcome_timestamp=outcome_time,
-            received_at=time.time(),
+            received_at=received,
             reason_code=REFERRAL_REASON if referral else reason.get("code"),
             reason_display=REFERRAL_DISPLAY if referral else reason.get("display"),
             user_comment=override.get("userComment"),
             accepted_suggestions=accepted,
         )
-        card = self.store.get_card(card_uuid)
-        new = self.store.record_feedback(feedback)
-        fields: dict[str, Any] = {"outcome": item["outcome"], "card": card_uuid, "repeat": not new}
-        if card is None:
-            log.info("feedback for an unknown card accepted", extra={"fields": fields})
-        elif referral:
-            log.info(
-                "referral to the research team recorded", extra={"fields": {**fields, "trial": card.trial_id}}
-            )
-        else:
-            log.info("feedback recorded", extra={"fields": {**fields, "trial": card.trial_id}})
-        self.metrics.feedback(item["outcome"], new)
 
 
 #: Stored with REFERRAL_REASON on an accepted referral (the screening log's ``reason`` column).

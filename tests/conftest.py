@@ -42,7 +42,11 @@ class CardCheckingClient(FlaskClient):
 
 
 def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
-    overrides: dict[str, Any] = {"store": {"url": f"sqlite:///{tmp_path / 'store.sqlite3'}"}}
+    # A generous store wait: tests read the store right after a hook, on a machine shared with other
+    # suites. The 200 ms default and what happens beyond it are tested in test_store_in_hook_path.py.
+    overrides: dict[str, Any] = {
+        "store": {"url": f"sqlite:///{tmp_path / 'store.sqlite3'}", "hook_timeout_seconds": 5.0}
+    }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     return load_settings(environ={}, overrides=overrides)

@@ -338,3 +338,43 @@ def test_silencing_and_referrals_work_on_either_store(tmp_path: Path, store_url:
         assert outcomes[overridden.patient_id] == "overridden" and outcomes[referred.patient_id] == "accepted"
     finally:
         app.extensions["cds"].store.close()
+
+
+# -- one message, one transaction ---------------------------------------------------------------------
+
+
+def test_a_feedback_message_is_stored_all_or_nothing(client: FlaskClient, app: Flask, now: datetime) -> None:
+    """The database refuses the second item of a message: the first is not kept either, the client
+    gets an error and retries the whole message, which then lands whole."""
+    card = cards_by_trial(client, patient(now))[MSC]
+    store = app.extensions["cds"].store
+    store._write(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON card_feedback WHEN NEW.user_comment = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        (),
+    )
+    first = override(card, "declined", when=now)
+    second = override(card, "not-appropriate", when=now + timedelta(seconds=1), userComment="boom")
+    response = client.post(FEEDBACK_URL, json={"feedback": [first, second]})
+    assert response.status_code == 500 and response.get_json()["resourceType"] == "OperationOutcome"
+    assert store.feedback_for_card(card["uuid"]) == []
+    store._write("DROP TRIGGER refuse_boom", ())
+    send(client, first, second)
+    assert [f.reason_code for f in store.feedback_for_card(card["uuid"])] == ["declined", "not-appropriate"]
+
+
+def test_feedback_text_with_nul_characters_is_refused(client: FlaskClient, now: datetime) -> None:
+    """PostgreSQL cannot store NUL in text: refuse it up front (400) instead of failing on write."""
+    card = cards_by_trial(client, patient(now))[MSC]
+    response = client.post(
+        FEEDBACK_URL, json={"feedback": [override(card, "declined", when=now, userComment="a\x00b")]}
+    )
+    assert response.status_code == 400
+    assert "userComment" in response.get_json()["issue"][0]["diagnostics"]
+
+
+def test_the_empty_feedback_answer_claims_no_media_type(client: FlaskClient, now: datetime) -> None:
+    card = cards_by_trial(client, patient(now))[MSC]
+    response = client.post(FEEDBACK_URL, json={"feedback": [override(card, when=now)]})
+    assert response.status_code == 200 and response.data == b""
+    assert "Content-Type" not in response.headers

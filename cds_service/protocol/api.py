@@ -25,6 +25,9 @@ from ..service import ServiceState
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
 
+#: Free text from clients: anything but NUL, which PostgreSQL cannot store in text columns.
+NO_NUL = r"^[^\x00]*$"
+
 FEEDBACK_SCHEMA: dict[str, Any] = {
     "feedback": {
         "type": "list",
@@ -43,7 +46,7 @@ FEEDBACK_SCHEMA: dict[str, Any] = {
                     "schema": {
                         "type": "dict",
                         "allow_unknown": True,
-                        "schema": {"id": {"type": "string", "required": True}},
+                        "schema": {"id": {"type": "string", "required": True, "regex": NO_NUL}},
                     },
                 },
                 "overrideReason": {
@@ -54,12 +57,12 @@ FEEDBACK_SCHEMA: dict[str, Any] = {
                             "type": "dict",
                             "allow_unknown": True,
                             "schema": {
-                                "code": {"type": "string"},
-                                "system": {"type": "string"},
-                                "display": {"type": "string"},
+                                "code": {"type": "string", "regex": NO_NUL},
+                                "system": {"type": "string", "regex": NO_NUL},
+                                "display": {"type": "string", "regex": NO_NUL},
                             },
                         },
-                        "userComment": {"type": "string"},
+                        "userComment": {"type": "string", "regex": NO_NUL},
                     },
                 },
             },
@@ -250,6 +253,9 @@ def feedback(service_id: str) -> Response:
                 )
     except HookError as exc:
         return outcome_response(exc.status, exc.diagnostics, exc.expression)
-    for item in body["feedback"]:
-        current.record_feedback(item, _epoch(item["outcomeTimestamp"]) or time.time())
-    return Response(status=200)
+    current.record_feedback(
+        [(item, _epoch(item["outcomeTimestamp"]) or time.time()) for item in body["feedback"]]
+    )
+    response = Response(status=200)
+    del response.headers["Content-Type"]  # an empty body has no media type (not text/html)
+    return response
