@@ -52,10 +52,52 @@ def _shown(inputs: ClinicalInputs, name: str, value: Any) -> str:
     return f"{_label(inputs, name)} {_fmt(value)}{joiner + unit if unit else ''}"
 
 
-def _fact_evidence(inputs: ClinicalInputs, fact: ObservationFact, prefix: str = "") -> Evidence:
+def _fact_evidence(
+    inputs: ClinicalInputs, fact: ObservationFact, prefix: str = "", verdict: str = ""
+) -> Evidence:
     note = f" ({fact.note})" if fact.note else ""
     resources = tuple(r for r in fact.resource.split(",") if r)
-    return Evidence(f"{prefix}{_shown(inputs, fact.input, fact.value)}{note}", fact.time, resources)
+    shown = f"{prefix}{_shown(inputs, fact.input, fact.value)}{note}"
+    return Evidence(f"{shown} ({verdict})" if verdict else shown, fact.time, resources)
+
+
+#: How a threshold reads on a card ("not > 3 s"); ``==`` / ``!=`` compare codes.
+_OP_SHOWN = {"<": "<", "<=": "≤", ">": ">", ">=": "≥", "==": "", "!=": "other than"}
+
+
+def _threshold_text(inputs: ClinicalInputs, spec: dict[str, Any]) -> str:
+    """'> 3 s', '< 65 mmHg', 'positive': the rule's threshold in the input's display unit."""
+    threshold = spec["threshold"]
+    if isinstance(threshold, str):
+        return f"{_OP_SHOWN[spec['op']]} {threshold}".strip()
+    unit = inputs.units.get(spec["input"], "")
+    joiner = "" if unit in ("", "%") else " "
+    return f"{_OP_SHOWN[spec['op']]} {_fmt(float(threshold))}{joiner}{unit}"
+
+
+def _verdict(inputs: ClinicalInputs, spec: dict[str, Any], ok: bool) -> str:
+    """Beside a value that does not satisfy the rule: 'not > 3 s' (so '2 s' is not read as a pass)."""
+    return "" if ok else f"not {_threshold_text(inputs, spec)}"
+
+
+def _value_set_label(inputs: ClinicalInputs, name: str) -> str:
+    """A condition value set as clinicians say it (its description), never its file key."""
+    return inputs.labels.get(f"value_set:{name}", name.replace("_", " "))
+
+
+#: Code systems as clinicians name them (evidence shows "ICD-10-CM I21.4", not the system URI).
+_SYSTEM_NAMES = {
+    "http://snomed.info/sct": "SNOMED CT",
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD-10-CM",
+    "http://hl7.org/fhir/sid/icd-10": "ICD-10",
+}
+
+
+def _code_shown(code: str) -> str:
+    """'system|code' → 'ICD-10-CM I21.4' (an unnamed system: the code alone)."""
+    system, _, value = code.rpartition("|")
+    name = _SYSTEM_NAMES.get(system)
+    return f"{name} {value}" if name else value
 
 
 def _window_text(spec: dict[str, Any]) -> str:
@@ -114,7 +156,7 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         )
         return RuleResult(
             MET if ok else NOT_MET,
-            (_fact_evidence(inputs, shown),),
+            (_fact_evidence(inputs, shown, verdict=_verdict(inputs, spec, ok)),),
             (),
             _shown(inputs, shown.input, shown.value),
         )
@@ -128,7 +170,7 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     ok = compare(chosen.value)
     return RuleResult(
         MET if ok else NOT_MET,
-        (_fact_evidence(inputs, chosen),),
+        (_fact_evidence(inputs, chosen, verdict=_verdict(inputs, spec, ok)),),
         (),
         _shown(inputs, chosen.input, chosen.value),
     )
@@ -216,12 +258,13 @@ def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     if found is None:
         return RuleResult(NOT_MET, (_fact_evidence(inputs, values[-1], "latest "),))
     duration, (first, last) = found
+    threshold = _threshold_text(inputs, spec)
     evidence = (
         _fact_evidence(inputs, first, "from "),
         _fact_evidence(inputs, last, "to "),
-        Evidence(f"{duration / HOUR:.1f} h {spec['op']} {spec['threshold']}"),
+        Evidence(f"{_label(inputs, spec['input'])} {threshold} for {duration / HOUR:.1f} h"),
     )
-    summary = f"{_label(inputs, spec['input'])} {spec['op']} {spec['threshold']} for {duration / HOUR:.1f} h"
+    summary = f"{_label(inputs, spec['input'])} {threshold} for {duration / HOUR:.1f} h"
     if duration > needed:
         return RuleResult(MET, evidence, (), summary)
     due = None
@@ -229,9 +272,9 @@ def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         # Still going on: met once it has lasted long enough (or at the next value, if that is later).
         due = max(ongoing[0].time + needed, inputs.at)
         ongoing_hours = (ongoing[1].time - ongoing[0].time) / HOUR
+        # One item, timed at the run's start: "MAP 58 mmHg (< 65 mmHg for 2.5 h so far)".
         evidence = (
-            _fact_evidence(inputs, ongoing[0], "since "),
-            Evidence(f"{ongoing_hours:.1f} h {spec['op']} {spec['threshold']} so far, going on"),
+            _fact_evidence(inputs, ongoing[0], verdict=f"{threshold} for {ongoing_hours:.1f} h so far"),
         )
     return RuleResult(NOT_MET, evidence, (), summary, due)
 
@@ -280,12 +323,14 @@ def _condition(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
                 found.append((name, condition))
     if found:
         evidence = tuple(
-            Evidence(f"{name.replace('_', ' ')} charted ({c.code})", c.onset, (c.resource,))
+            Evidence(
+                f"{_value_set_label(inputs, name)} charted ({_code_shown(c.code)})", c.onset, (c.resource,)
+            )
             for name, c in found[:3]
         )
-        return RuleResult(spec.get("if_present", MET), evidence, (), found[0][0].replace("_", " "))
+        return RuleResult(spec.get("if_present", MET), evidence, (), _value_set_label(inputs, found[0][0]))
     absent = spec.get("if_absent", CONFIRM)
-    names = ", ".join(n.replace("_", " ") for n in spec["value_sets"])
+    names = ", ".join(_value_set_label(inputs, n) for n in spec["value_sets"])
     text = spec.get("absent_text") or f"none of: {names} (no matching Condition charted)"
     if absent == UNKNOWN:
         return RuleResult(UNKNOWN, (), (text,))

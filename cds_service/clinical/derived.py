@@ -569,5 +569,9 @@ def derive_inputs(
     }
     labels = {name: item.label for name, item in knowledge.inputs.items()}
     labels.update({"vis": "VIS", "age_years": "age", "septic_shock_onset": "septic shock", "sex": "sex"})
+    # Condition value sets by their description, without its parenthesis ("HIV disease / AIDS").
+    labels.update(
+        {f"value_set:{name}": vs.description.split(" (")[0] for name, vs in knowledge.value_sets.items()}
+    )
     units = {name: item.display_unit for name, item in knowledge.inputs.items()}
     return ClinicalInputs(at, series, scalars, conditions, facts, labels, units)

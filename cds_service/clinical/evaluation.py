@@ -44,6 +44,10 @@ class CriterionResult:
     missing: tuple[str, ...]
     summary: str
     due: float | None = None  # not met yet; met at this time if nothing changes
+    #: What the rule found missing, as it said it ("mottling score within the last 6h"); ``missing``
+    #: is the trial file's ``measure`` when it has one (referral notes), this is the specific gap the
+    #: card shows beside the values that are charted.
+    gaps: tuple[str, ...] = ()
 
     @property
     def blocks(self) -> bool:
@@ -114,6 +118,7 @@ def evaluate_criterion(criterion: Criterion, inputs: ClinicalInputs) -> Criterio
         tuple(dict.fromkeys(missing)),
         result.summary,
         result.due if result.status == NOT_MET else None,
+        tuple(dict.fromkeys(result.missing)) if result.status == UNKNOWN else (),
     )
 
 

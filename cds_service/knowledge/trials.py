@@ -153,6 +153,11 @@ class Trial:
     def criteria(self) -> tuple[Criterion, ...]:
         return self.inclusion + self.exclusion
 
+    @property
+    def recruiting(self) -> bool:
+        """Only ``recruiting`` counts: ``unknown``, ``not yet recruiting``, ``completed`` … do not."""
+        return self.registry_status == "recruiting"
+
     def inputs(self) -> set[str]:
         """Every input the trial's rules use, with what derived inputs need."""
         names: set[str] = {self.window_anchor}
