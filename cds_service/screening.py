@@ -42,7 +42,13 @@ class Screener:
         self.plan: PrefetchPlan = build_prefetch_plan(
             self.knowledge, self.trials, int(settings.section("fhir")["page_size"])
         )
-        self.renderer = CardRenderer(data_dir, settings.section("screening"))
+        self.renderer = CardRenderer(
+            data_dir,
+            settings.section("screening"),
+            self.trials,
+            # [worksheet] adds this section; until then the checklist stays in the card.
+            worksheet_enabled=bool(settings.raw.get("worksheet", {}).get("enabled", False)),
+        )
 
     def screen(self, patient_id: str, data: RawPatientData, at: float | None = None) -> ScreeningOutcome:
         at = time.time() if at is None else at
@@ -54,10 +60,10 @@ class Screener:
     def cards(
         self, outcome: ScreeningOutcome, user_id: str | None = None
     ) -> list[tuple[TrialResult, dict[str, Any]]]:
-        """A card per trial result that shows one (``user_id`` becomes the referral's requester)."""
+        """A card per trial result that shows one, in the card order (``user_id`` becomes the
+        referral's requester)."""
         patient_id = outcome.facts.patient_id
         return [
             (result, self.renderer.render(result, patient_id=patient_id, user_id=user_id))
-            for result in outcome.results
-            if result.shows_card
+            for result in self.renderer.shown(outcome.results)
         ]

@@ -201,7 +201,8 @@ class ServiceState:
     def issue_cards(
         self, request: HookRequest, results: list[TrialResult], at: float
     ) -> list[dict[str, Any]]:
-        """Render, remember and return a card per result that shows one, minus the silenced ones.
+        """Render, remember and return a card per result that shows one, minus the silenced ones, in
+        the card order (``cards/render.py``: status, recruiting first, earliest closing window).
 
         Each card is written to the store before it is returned (card uuid -> patient, trial, hook
         instance, time, status): that row is the screening log and what feedback is matched to. The
@@ -213,7 +214,7 @@ class ServiceState:
         store_settings = self.settings.section("store")
         timeout = float(store_settings["hook_timeout_seconds"])
         silence = float(self.settings.section("screening")["override_silence_hours"]) * 3600
-        shown = [result for result in results if result.shows_card]
+        shown = self.screener.renderer.shown(results)
         previous: dict[str, OverrideInfo | None] = {}
         if silence and shown:
             trial_ids = [result.trial.id for result in shown]

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from cds_service.app import create_app
 from cds_service.base.config import Settings, load_settings
 from cds_service.screening import Screener
-from cds_service.tools.card_rules import response_problems
+from cds_service.tools.card_rules import response_problems, screening_extension_problems
 from cds_service.tools.scenario_builder import PatientBuilder
 from tests.fhir_server import *  # noqa: F403
 from tests.pg_server import *  # noqa: F403
@@ -28,7 +28,8 @@ CARDS_SEEN: list[dict[str, Any]] = []
 
 
 class CardCheckingClient(FlaskClient):
-    """A test client that validates every hook response it receives against the card rules."""
+    """A test client that validates every hook response it receives against the card rules and the
+    ``extension.screening`` contract."""
 
     def open(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         response = super().open(*args, **kwargs)
@@ -37,6 +38,9 @@ class CardCheckingClient(FlaskClient):
             if isinstance(body, dict) and "cards" in body:
                 problems = response_problems(body)
                 assert not problems, f"cards break the CDS Hooks rules: {problems}"
+                for card in body["cards"]:
+                    broken = screening_extension_problems(card)
+                    assert not broken, f"extension.screening breaks its contract: {broken}"
                 CARDS_SEEN.extend(body["cards"])
         return response
 

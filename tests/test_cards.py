@@ -26,6 +26,7 @@ from cds_service.cards.referral import (
     validated,
 )
 from cds_service.cards.render import SUMMARY_LIMIT, CardRenderer, duration, fit_summary
+from cds_service.cards.text import LocalClock
 from cds_service.clinical.derived import Derived, Evidence
 from cds_service.clinical.evaluation import ELIGIBLE, POSSIBLY, UPCOMING, CriterionResult, TrialResult
 from cds_service.knowledge.criteria_language import CONFIRM, MET, NOT_MET, UNKNOWN
@@ -65,7 +66,7 @@ def msc_card(screener: Screener, builder: PatientBuilder, user_id: str | None = 
 
 
 def criterion(cid: str, kind: str = "inclusion", *, confirm: str | None = None, measure: str | None = None):
-    rule = None if confirm else {"established": {"input": "septic_shock_onset"}}
+    rule = None if confirm else {"value": {"input": "age_years", "op": ">=", "threshold": 0}}
     return Criterion(cid, cid.replace("_", " ").capitalize(), "source text", kind, rule, confirm, measure)
 
 
@@ -147,23 +148,22 @@ def test_eligible_card_names_the_trial_and_the_decisive_facts(screener: Screener
     assert len(summary) < SUMMARY_LIMIT and "\n" not in summary
     assert "MSC-Neutropenia" in summary and MSC in summary
     assert "septic shock" in summary and "ANC 0.4" in summary
-    assert "window closes in 6 h" in summary
-    assert card["indicator"] == "info"  # 6 h left: not closing yet
+    assert " eligible, registry status unknown: " in summary and summary.endswith("— 6 h left")
+    assert card["indicator"] == "info"  # 6 h left: not closing yet (and the trial is not recruiting)
+    assert card["extension"]["screening"]["status"] == "eligible"
 
 
-def test_detail_has_the_checklist_onset_window_and_registry_status(screener: Screener, now: datetime) -> None:
+def test_detail_has_the_facts_window_checklist_and_registry_status(screener: Screener, now: datetime) -> None:
     builder = msc_patient(now, onset_hours=4)
     detail = msc_card(screener, builder)["detail"]
-    onset = builder.time(4)[:16] + "Z"  # minute precision, as on the card
-    closes = builder.time(4 - 10)[:16] + "Z"
-    assert f"**Septic-shock onset used:** {onset}" in detail
-    assert "norepinephrine started" in detail and "MedicationAdministration/" in detail
-    assert f"closes **{closes}** (6 h left)" in detail
-    # met with value and time, to confirm, not excluded
-    assert "✅ Absolute neutrophil count ≤ 1 × 10⁹/L: ANC 0.4 × 10⁹/L at " in detail
-    assert "☐ Signed informed consent" in detail
-    assert "✅ Not excluded — Age > 75 years" in detail
-    assert "Registry status: **unknown** (checked 2026): confirm with the research team" in detail
+    clock = LocalClock("UTC", builder.at.timestamp())
+    onset, closes = (clock.at(builder.at.timestamp() - h * HOUR) for h in (4, 4 - 10))
+    assert detail.startswith("**Eligible** on every criterion the chart can answer.")
+    assert f"**Window:** closes {closes} UTC (6 h left); septic-shock onset {onset}." in detail
+    assert f"- ANC 0.4 × 10⁹/L, {clock.at(builder.at.timestamp() - 2 * HOUR)}" in detail  # a key fact
+    assert "**To confirm (2):**\n☐ signed consent\n☐ no chemoresistant blood cancer" in detail
+    assert "**Registry status unknown** (checked 2026): ask the ICU research team" in detail
+    assert "MedicationAdministration/" not in detail and "Z" not in detail.replace("ZZ", "")
     # Markdown lists are separated from the paragraph above them by a blank line (GFM renders them)
     lines = detail.splitlines()
     for index, line in enumerate(lines):
@@ -173,25 +173,32 @@ def test_detail_has_the_checklist_onset_window_and_registry_status(screener: Scr
 
 def test_unknown_criteria_say_what_to_measure(screener: Screener, now: datetime) -> None:
     card = msc_card(screener, msc_patient(now, anc=None))
-    assert card["summary"].startswith("Possible MSC-Neutropenia (NCT01849237) candidate")
-    assert "1 criterion needs data" in card["summary"]
-    assert (
-        "❔ Absolute neutrophil count ≤ 1 × 10⁹/L — measure: an absolute neutrophil count (LOINC 751-8)"
-        in (card["detail"])
+    assert card["summary"] == (
+        "MSC-Neutropenia (NCT01849237) possibly eligible, registry status unknown: "
+        "needs neutrophil count (last 24 h)"
     )
+    assert "**Needs data (1):**\nneutrophil count (last 24 h): none charted." in card["detail"]
     assert card["indicator"] == "info"
 
 
-def test_indicator_warns_only_when_eligible_and_the_window_is_closing(
-    screener: Screener, now: datetime
+def test_indicator_warns_only_when_eligible_for_a_recruiting_trial_and_the_window_is_closing(
+    renderer: CardRenderer, screener: Screener, now: datetime
 ) -> None:
-    closing = msc_card(screener, msc_patient(now, onset_hours=8.5))  # 1 h 30 min left < 120 min
+    trial = synthetic_trial("NCT09999990", "OPEN-TRIAL", ("shock",))  # recruiting, window 0–12 h
+    closing = renderer.render(
+        synthetic_result(trial, ELIGIBLE, {"shock": "MAP 58 mmHg"}, onset_hours_ago=10.5)
+    )
     assert closing["indicator"] == "warning"
-    assert "window closes in 1 h 30 min" in closing["summary"]
-    assert "— closing soon" in closing["detail"]
-    possibly_closing = msc_card(screener, msc_patient(now, onset_hours=8.5, anc=None))
-    assert possibly_closing["indicator"] == "info"
-    for card in (closing, possibly_closing):
+    assert closing["summary"].endswith("— 1 h 30 min left")
+    assert "(1 h 30 min left) — closing soon" in closing["detail"]
+    possibly = renderer.render(
+        synthetic_result(trial, POSSIBLY, {"shock": "MAP 58 mmHg"}, onset_hours_ago=10.5, unknown=("shock",))
+    )
+    assert possibly["indicator"] == "info"
+    # MSC's registry status is unknown (not recruiting): a closing window is no reason to alarm.
+    msc_closing = msc_card(screener, msc_patient(now, onset_hours=8.5))  # 1 h 30 min left
+    assert msc_closing["indicator"] == "info" and msc_closing["summary"].endswith("— 1 h 30 min left")
+    for card in (closing, possibly, msc_closing):
         assert card["indicator"] != "critical"
 
 
@@ -202,9 +209,9 @@ def test_upcoming_card_says_when_the_window_opens(renderer: CardRenderer) -> Non
     card = renderer.render(
         synthetic_result(trial, UPCOMING, {"hypoperfusion": "CRT 5 s"}, onset_hours_ago=4), patient_id="p1"
     )
-    assert card["summary"] == "Upcoming I-MICRO (NCT03788837) candidate: CRT 5 s — randomisation opens in 2 h"
+    assert card["summary"] == "I-MICRO (NCT03788837) upcoming: randomisation opens in 2 h — CRT 5 s"
     assert card["indicator"] == "info"
-    assert "**Enrollment window:** opens " in card["detail"] and "(in 2 h)" in card["detail"]
+    assert "**Window:** opens today " in card["detail"] and "UTC (in 2 h), closes " in card["detail"]
     assert "mottling score" in card["detail"]  # the trial's note
     assert card_problems(card) == []
 
@@ -215,16 +222,12 @@ def test_ecmo_template_puts_vis_and_lvef_in_the_summary(renderer: CardRenderer) 
     possibly = renderer.render(
         synthetic_result(trial, POSSIBLY, facts, unknown=("cardiac_index",)), patient_id="p1"
     )
-    assert (
-        possibly["summary"]
-        == "Possible ECMO-RESCUE (NCT05184296) candidate: VIS 130, LVEF 25 % — 1 criterion needs data"
-    )
+    assert possibly["summary"] == "ECMO-RESCUE (NCT05184296) possibly eligible: needs Cardiac index"
     eligible = renderer.render(synthetic_result(trial, ELIGIBLE, facts, onset_hours_ago=11), patient_id="p1")
-    assert eligible["summary"] == (
-        "ECMO-RESCUE (NCT05184296) candidate, refractory septic shock: VIS 130, LVEF 25 % — 1 h left to enrol"
-    )
+    assert eligible["summary"] == "ECMO-RESCUE (NCT05184296) eligible: VIS 130, LVEF 25 % — 1 h left"
     assert eligible["indicator"] == "warning"
     assert "ECMO team" in eligible["detail"]
+    assert "- VIS 130, " in eligible["detail"] and "- LVEF 25 %, " in eligible["detail"]
     for card in (possibly, eligible):
         assert card_problems(card) == []
 
@@ -232,8 +235,8 @@ def test_ecmo_template_puts_vis_and_lvef_in_the_summary(renderer: CardRenderer) 
 def test_a_trial_without_its_own_template_uses_the_default(renderer: CardRenderer) -> None:
     trial = synthetic_trial("NCT09999999", "NEW-TRIAL", ("shock",), registry_status="recruiting")
     card = renderer.render(synthetic_result(trial, ELIGIBLE, {"shock": "MAP 58 mmHg"}), patient_id="p1")
-    assert card["summary"] == "NEW-TRIAL (NCT09999999) candidate: MAP 58 mmHg — window closes in 9 h"
-    assert "Registry status: **recruiting** (checked 2026-01)." in card["detail"]
+    assert card["summary"] == "NEW-TRIAL (NCT09999999) eligible: MAP 58 mmHg — 9 h left"
+    assert "registry" not in card["detail"].lower()  # recruiting: nothing to say about the registry
     assert card_problems(card) == []
 
 
@@ -245,7 +248,7 @@ def test_long_summaries_drop_facts_from_the_end_and_stay_under_140(renderer: Car
     assert len(card["summary"]) < SUMMARY_LIMIT
     assert "measurement 0 = 0 units" in card["summary"]  # the first facts are kept …
     assert "measurement 7" not in card["summary"]  # … the last ones dropped
-    assert card["summary"].endswith("window closes in 9 h")  # the rest of the sentence stays whole
+    assert card["summary"].endswith("— 9 h left")  # the rest of the sentence stays whole
 
 
 def test_fit_summary_cuts_at_a_word_when_nothing_else_helps() -> None:
@@ -342,7 +345,8 @@ def test_referral_suggestion_creates_valid_fhir_resources(screener: Screener, no
     (suggestion,) = card["suggestions"]
     assert suggestion["label"] == "Refer to the research team"
     assert suggestion["uuid"] == referral_suggestion_uuid(card["uuid"])
-    assert suggestion["isRecommended"] is True
+    # Eligible, but the MSC trial's registry status is unknown: the referral is not pre-selected.
+    assert suggestion["isRecommended"] is False
     request, subject = (action["resource"] for action in suggestion["actions"])
     assert all(action["type"] == "create" and action["description"] for action in suggestion["actions"])
     # both validate as FHIR R4 (R4B models) and are plain JSON already
@@ -387,8 +391,15 @@ def test_referral_follows_the_configuration(tmp_path: Path, now: datetime) -> No
         {"display": "Critical-care research nurses", "reference": "CareTeam/icu-research"}
     ]
     assert "requester" not in request  # only a Practitioner or PractitionerRole user requests
-    assert request["priority"] == "urgent"  # eligible and the window closes within 2 h
+    assert request["priority"] == "routine"  # closing within 2 h, but the trial is not recruiting
     assert "Critical-care research nurses" in action["description"]
+    # A recruiting trial whose window closes within 2 h: urgent, and recommended.
+    renderer = CardRenderer(PROJECT_ROOT, settings.section("screening"))
+    trial = synthetic_trial("NCT09999989", "OPEN-TRIAL", ("shock",))
+    closing = synthetic_result(trial, ELIGIBLE, {"shock": "MAP 58 mmHg"}, onset_hours_ago=10.5)
+    (suggestion,) = renderer.render(closing, patient_id="p1")["suggestions"]
+    assert suggestion["isRecommended"] is True
+    assert suggestion["actions"][0]["resource"]["priority"] == "urgent"
 
 
 def test_possible_candidates_get_the_suggestion_without_a_recommendation(
@@ -462,7 +473,7 @@ def test_a_template_failing_at_render_time_falls_back_to_the_default_wording(
     trial = synthetic_trial("NCT09999993", "TYPO", ("shock",))
     with caplog.at_level(logging.ERROR, logger="cds_service.cards.render"):
         card = renderer.render(synthetic_result(trial, ELIGIBLE, {"shock": "MAP 58 mmHg"}), patient_id="p1")
-    assert card["summary"].startswith("TYPO (NCT09999993) candidate: MAP 58 mmHg")
+    assert card["summary"].startswith("TYPO (NCT09999993) eligible: MAP 58 mmHg")
     assert "NCT09999993" in caplog.text
     assert card_problems(card) == []
 
@@ -499,7 +510,8 @@ def test_card_rules_catch_what_the_spec_forbids(screener: Screener, now: datetim
         for p in broken(suggestions=[{k: v for k, v in suggestion.items() if k != "uuid"}])
     )
     assert any("isRecommended" in p for p in broken(suggestions=[{**suggestion, "isRecommended": "yes"}]))
-    twice = [suggestion, {**suggestion, "uuid": str(uuid.uuid4())}]
+    recommended = {**suggestion, "isRecommended": True}
+    twice = [recommended, {**recommended, "uuid": str(uuid.uuid4())}]
     assert any("more than one isRecommended" in p for p in broken(suggestions=twice))
     assert any(
         "duplicate" in p for p in broken(suggestions=[suggestion, {**suggestion, "isRecommended": False}])
@@ -563,4 +575,5 @@ def test_upcoming_ecmo_card_lists_what_the_window_waits_for(screener: Screener) 
     )
     cards = {result.trial.id: card for result, card in screener.cards(outcome)}
     detail = cards["NCT05184296"]["detail"]
-    assert "Waiting for" in detail and "⏳" in detail
+    assert "- VIS > 120 for 2.5 h so far: met today 14:30 if it goes on" in detail
+    assert "**Window:** opens today 14:30 UTC (in 2 h 30 min), closes tomorrow 02:30." in detail

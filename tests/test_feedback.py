@@ -124,13 +124,13 @@ def test_override_silences_that_trial_for_that_patient_only(
 def test_a_status_rising_to_eligible_brings_the_card_back(client: FlaskClient, now: datetime) -> None:
     builder = patient(now, anc=None)
     possible = cards_by_trial(client, builder)[MSC]
-    assert possible["summary"].startswith("Possible")
+    assert possible["extension"]["screening"]["status"] == "possibly_eligible"
     send(client, override(possible, "not-appropriate"))
     assert MSC not in cards_by_trial(client, builder)  # same data: silent
 
     builder.anc(0.4, hours=1)  # the missing neutrophil count arrives: now eligible
     eligible = cards_by_trial(client, builder)[MSC]
-    assert not eligible["summary"].startswith("Possible") and "ANC 0.4" in eligible["summary"]
+    assert eligible["extension"]["screening"]["status"] == "eligible" and "ANC 0.4" in eligible["summary"]
     assert MSC in cards_by_trial(client, builder)  # and it stays until the clinician acts on it
 
     send(client, override(eligible, "already-screened"))

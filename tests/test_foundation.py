@@ -64,7 +64,8 @@ def test_eligible_neutropenic_patient_gets_the_nct01849237_card(client: FlaskCli
     assert "ANC 0.4" in card["summary"]
     assert card["source"]["url"] == "https://clinicaltrials.gov/study/NCT01849237"
     assert card["indicator"] in ("info", "warning")
-    assert "To confirm" in card["detail"] and "informed consent" in card["detail"].lower()
+    assert card["extension"]["screening"]["status"] == "eligible"
+    assert "To confirm (2)" in card["detail"] and "signed consent" in card["detail"].lower()
 
 
 def test_normal_neutrophil_count_gives_no_msc_card(client: FlaskClient, now: datetime) -> None:
@@ -80,8 +81,9 @@ def test_missing_neutrophil_count_is_possibly_eligible_and_says_what_to_measure(
     builder.septic_shock_story(onset_hours=3)
     response = client.post(SERVICE_URL, json=hook_body(builder))
     (card,) = [c for c in response.get_json()["cards"] if c["source"]["topic"]["code"] == "NCT01849237"]
-    assert card["summary"].startswith("Possible")
-    assert "absolute neutrophil count" in card["detail"]
+    assert card["extension"]["screening"]["status"] == "possibly_eligible"
+    assert "possibly eligible" in card["summary"] and "needs neutrophil count" in card["summary"]
+    assert "neutrophil count (last 24 h): none charted" in card["detail"]
 
 
 def test_bad_inputs_get_operation_outcomes(client: FlaskClient, now: datetime) -> None:

@@ -222,7 +222,14 @@ def test_in_test_scenarios_pass_both_modes_with_junit_and_clean_up(
     assert all(float(c.get("time")) > 0 for c in cases)
     table = output.splitlines()
     assert table[0].split() == ["scenario", "trial", "mode", "expected", "got", "latency", "result"]
-    assert any(line.split()[:5] == ["msc-eligible", MSC, "prefetch", "eligible", "card"] for line in table)
+    # "got" is what the card's extension.screening says, not the card's text.
+    assert any(
+        line.split()[:5] == ["msc-eligible", MSC, "prefetch", "eligible", "eligible"] for line in table
+    )
+    assert any(
+        line.split()[:5] == ["msc-no-anc", MSC, "fetch", "possibly_eligible", "possibly_eligible"]
+        for line in table
+    )
     assert any(
         line.split()[:6] == ["msc-normal-anc", MSC, "fetch", "not_eligible", "no", "card"] for line in table
     )
@@ -464,16 +471,27 @@ def test_card_rules_topic_and_skips_are_checked_per_trial(tmp_path: Path) -> Non
         builder.transaction(),
     )
 
-    def card(code: str | None, summary: str = "Trial card") -> dict[str, Any]:
+    def card(
+        code: str | None, summary: str = "Trial card", status: str | None = "eligible"
+    ) -> dict[str, Any]:
         source: dict[str, Any] = {"label": "Screening"}
         if code:
             source["topic"] = {"code": code}
-        return {"summary": summary, "indicator": "info", "source": source}
+        result: dict[str, Any] = {"summary": summary, "indicator": "info", "source": source}
+        if status:
+            criteria = [
+                {"id": "severe_neutropenia", "kind": "inclusion", "result": "met", "evidence": []},
+                {"id": "pregnancy", "kind": "exclusion", "result": "not_met", "evidence": []},
+            ]
+            window = {"opens": "2026-01-01T00:00:00Z", "closes": None}
+            screening = {"trial": code, "status": status, "window": window, "criteria": criteria}
+            result["extension"] = {"screening": screening}
+        return result
 
     good = CallResult("prefetch", 200, 0.05, {"cards": [card(MSC)]})
     cases = Harness.check(scenario, good, {MSC, other})
     assert [(c.trial, c.got, c.passed, bool(c.skipped)) for c in cases] == [
-        (MSC, "card", True, False),
+        (MSC, "eligible", True, False),
         (other, "no card", True, False),
         ("NCT00000002", "no card", True, True),  # not screened by this deployment: skipped
     ]
@@ -493,3 +511,30 @@ def test_card_rules_topic_and_skips_are_checked_per_trial(tmp_path: Path) -> Non
     path.write_bytes(report.junit_xml())
     assert len(junit_cases(path)) == 3  # valid XML even with a control character in the diagnostics
     assert HarnessReport(cases=Harness.check(scenario, good, set())).exit_code == 1  # nothing checked
+    # Hidden by the deployment (screening.show_not_recruiting: false): skipped, not failed.
+    hidden = {c.trial: c for c in Harness.check(scenario, good, {MSC, other, "NCT00000002"}, {"NCT00000002"})}
+    assert hidden["NCT00000002"].skipped and hidden[MSC].passed
+
+    # The outcome is read from extension.screening: its status, its shape and the criteria named.
+    def msc_case(response_card: dict[str, Any], criteria: dict[str, str] | None = None) -> Any:
+        one = HarnessScenario("one", "a story", {MSC: "eligible"}, builder.transaction())
+        if criteria:
+            one.expected_criteria = {MSC: criteria}
+        (case,) = Harness.check(one, CallResult("prefetch", 200, 0.05, {"cards": [response_card]}), None)
+        return case
+
+    possible = msc_case(card(MSC, status="possibly_eligible"))
+    assert possible.got == "possibly_eligible" and not possible.passed
+    assert "extension.screening.status: expected eligible, got possibly_eligible" in possible.problems
+    bare = msc_case(card(MSC, status=None))
+    assert bare.got == "card without extension" and "extension.screening: missing" in bare.problems
+    wrong_trial = card(MSC)
+    wrong_trial["extension"]["screening"]["trial"] = other
+    assert any("differs from source.topic.code" in p for p in msc_case(wrong_trial).problems)
+    extra = card(MSC)
+    extra["extension"]["screening"]["eligible"] = True
+    assert any("keys must be exactly" in p for p in msc_case(extra).problems)
+    assert msc_case(card(MSC), {"severe_neutropenia": "met", "pregnancy": "not_met"}).passed
+    unmet = msc_case(card(MSC), {"severe_neutropenia": "unknown", "consent": "to_confirm"})
+    assert "extension.screening criterion severe_neutropenia: expected unknown, got met" in unmet.problems
+    assert "extension.screening criterion consent: expected to_confirm, got absent" in unmet.problems

@@ -88,7 +88,7 @@ def test_operation_outcome_in_prefetch_is_treated_as_missing(
         "issue": [{"severity": "error", "code": "timeout"}],
     }
     card = _msc_card(_app(tmp_path).test_client().post(SERVICE_URL, json=body))
-    assert card is not None and card["summary"].startswith("MSC")
+    assert card is not None and card["extension"]["screening"]["status"] == "eligible"
 
 
 def test_null_prefetch_means_no_data_and_is_not_fetched(
@@ -98,7 +98,7 @@ def test_null_prefetch_means_no_data_and_is_not_fetched(
     body["prefetch"]["observations"] = None  # the client looked: nothing. Lactate and ANC unseen.
     card = _msc_card(_app(tmp_path).test_client().post(SERVICE_URL, json=body))
     # Without any Observation the neutrophil count is unknown: "possibly", never "not eligible".
-    assert card is not None and card["summary"].startswith("Possible")
+    assert card is not None and card["extension"]["screening"]["status"] == "possibly_eligible"
 
 
 def test_bundle_without_entry_is_no_data(tmp_path: Path, now: datetime) -> None:
@@ -106,7 +106,7 @@ def test_bundle_without_entry_is_no_data(tmp_path: Path, now: datetime) -> None:
     body = hook_body(builder)
     body["prefetch"]["observations"] = {"resourceType": "Bundle", "type": "searchset", "total": 0}
     card = _msc_card(_app(tmp_path).test_client().post(SERVICE_URL, json=body))
-    assert card is not None and card["summary"].startswith("Possible")
+    assert card is not None and card["extension"]["screening"]["status"] == "possibly_eligible"
 
 
 def test_paginated_prefetch_bundle_is_followed_through_fhir_server(

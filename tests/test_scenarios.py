@@ -34,6 +34,7 @@ from cds_service.tools.scenarios import (
     all_scenarios,
     check_files,
     load_scenario_file,
+    outcome_problems,
     shift_bundle_times,
     write_examples,
 )
@@ -102,6 +103,14 @@ def test_scenario_in_memory(screener: Screener, name: str) -> None:
     at = datetime(2026, 3, 1, 8, 30, tzinfo=UTC)
     scenario = next(s for s in all_scenarios(at) if s.name == name)
     assert screen(screener, scenario, at.timestamp()) == scenario.expected, scenario.story
+    # The same expectations read from the cards' extension.screening (status and named criteria).
+    b = scenario.builder
+    outcome = screener.screen(
+        b.patient_id, RawPatientData(patient=b.patient, resources={"all": b.resources}), at.timestamp()
+    )
+    cards = [card for _, card in screener.cards(outcome)]
+    report = outcome_problems(scenario.expected, scenario.expected_criteria, outcome.results, cards)
+    assert {trial: problems for trial, (_, problems) in report.items() if problems} == {}, scenario.story
 
 
 # -- (b) and (c) through the hook ---------------------------------------------------------------------
@@ -118,8 +127,9 @@ def scenario_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
         state._store.close()
 
 
-def card_outcome(app: Flask, response: Any) -> dict[str, tuple[str, str]]:
-    """NCT id → (status the service logged for the card, card summary); one card per trial at most."""
+def card_outcome(app: Flask, response: Any) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """NCT id → (the card's extension.screening status, its summary, the whole extension); one card
+    per trial at most, and the status the service logged for the card is the extension's."""
     assert response.status_code == 200, response.data
     cards = response.get_json()["cards"]
     topics = [c["source"]["topic"]["code"] for c in cards]
@@ -127,17 +137,21 @@ def card_outcome(app: Flask, response: Any) -> dict[str, tuple[str, str]]:
     store = app.extensions["cds"].store
     outcome = {}
     for card in cards:
+        screening = card["extension"]["screening"]
         issued = store.get_card(card["uuid"])
-        assert issued is not None
-        outcome[card["source"]["topic"]["code"]] = (issued.status, card["summary"])
+        assert issued is not None and issued.status == screening["status"]
+        outcome[card["source"]["topic"]["code"]] = (screening["status"], card["summary"], screening)
     return outcome
 
 
-def assert_expected(outcome: dict[str, tuple[str, str]], scenario: Scenario) -> None:
+def assert_expected(outcome: dict[str, tuple[str, str, dict[str, Any]]], scenario: Scenario) -> None:
     for trial_id, expected in scenario.expected.items():
         if expected in CARD_STATUSES:
             assert trial_id in outcome, (scenario.name, trial_id, expected, outcome)
             assert outcome[trial_id][0] == expected, (scenario.name, trial_id, outcome[trial_id])
+            results = {c["id"]: c["result"] for c in outcome[trial_id][2]["criteria"]}
+            for criterion, result in scenario.expected_criteria.get(trial_id, {}).items():
+                assert results[criterion] == result, (scenario.name, trial_id, criterion, results)
         else:
             assert trial_id not in outcome, (scenario.name, trial_id, expected, outcome)
 
@@ -159,7 +173,7 @@ def test_scenario_through_the_hook_with_and_without_prefetch(
     finally:
         fhir_server.delete_patient_everything(scenario.patient_id)
     assert_expected(fetched, scenario)
-    assert fetched == with_prefetch  # same statuses and the same card summaries
+    assert fetched == with_prefetch  # same statuses, card summaries and machine-readable results
 
 
 # -- scenario files -----------------------------------------------------------------------------------
@@ -238,6 +252,14 @@ def test_bad_scenario_files_name_the_file_and_key(tmp_path: Path) -> None:
         ({**good, "evaluatedAt": "2026-01-15T12:00:00"}, "needs a time-zone offset"),
         ({**good, "expected": {MSC: "maybe"}}, f"expected.{MSC}: 'maybe' is not one of"),
         ({**good, "bundle": {"resourceType": "Patient"}}, "bundle: must be a FHIR Bundle"),
+        (
+            {**good, "expectedCriteria": {MSC: {"severe_neutropenia": "yes"}}},
+            f"expectedCriteria.{MSC}.severe_neutropenia: 'yes' is not one of",
+        ),
+        (
+            {**good, "expectedCriteria": {ECMO: {"age_18_to_75": "met"}}},
+            f"expectedCriteria.{ECMO}: only for a trial expected to give a card",
+        ),
     ]
     for document, message in cases:
         path = tmp_path / "case.json"
@@ -259,6 +281,15 @@ def test_cli_scenarios_write_and_check(tmp_path: Path, capsys: pytest.CaptureFix
     capsys.readouterr()
     assert cli_main(["scenarios", "check", str(tmp_path)]) == 0
     assert f"{len(NAMES)} scenario file(s), 0 mismatch(es)" in capsys.readouterr().out
+    # A criterion expectation the card's extension.screening does not meet is a mismatch, named.
+    path = tmp_path / "msc-anc-missing.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["expectedCriteria"][MSC]["severe_neutropenia"] = "met"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    assert cli_main(["scenarios", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL msc-anc-missing" in out
+    assert "extension.screening criterion severe_neutropenia: expected met, got unknown" in out
 
 
 @pytest.mark.fhir

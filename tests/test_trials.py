@@ -134,11 +134,22 @@ def test_the_card_shows_the_registry_status(screener: Screener, name: str) -> No
     at = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
     b = scenario(name, at).builder
     outcome = screener.screen(b.patient_id, RawPatientData(b.patient, {"all": b.resources}), at.timestamp())
+    phrases = {
+        "recruiting": None,
+        "completed": "enrollment closed per registry",
+        "unknown": "registry status unknown",
+    }
     for result, card in screener.cards(outcome):
-        assert f"**{result.trial.registry_status}**" in card["detail"], card["detail"]
-        # A trial that is not recruiting sends the clinician to the research team first.
-        asks = "confirm with the research team" in card["detail"]
-        assert asks == (result.trial.registry_status != "recruiting"), card["detail"]
+        phrase = phrases[result.trial.registry_status]
+        if phrase is None:  # recruiting: nothing to say about the registry
+            assert "registry" not in card["summary"] and "registry" not in card["detail"].lower()
+            continue
+        # A trial that is not recruiting says so in the summary, and sends the clinician to the
+        # research team first.
+        assert phrase in card["summary"], card["summary"]
+        assert f"**{phrase[:1].upper()}{phrase[1:]}**" in card["detail"], card["detail"]
+        assert "ask the ICU research team before approaching the patient" in card["detail"]
+        assert card["suggestions"][0]["isRecommended"] is False
 
 
 # -- a fourth trial, from a data file alone ---------------------------------------------------------------
@@ -216,7 +227,8 @@ def test_a_fourth_trial_from_a_data_file_alone(data_dir_with_a_fourth_trial: Pat
     response = client.post(SERVICE_URL, json=hook_body(scenario("imicro-low-platelets", now).builder))
     cards = [c for c in response.get_json()["cards"] if c["source"]["topic"]["code"] == "NCT09999999"]
     assert len(cards) == 1
-    assert "PLT-SHOCK" in cards[0]["summary"] and "not yet recruiting" in cards[0]["detail"]
+    assert "PLT-SHOCK" in cards[0]["summary"] and "not yet recruiting" in cards[0]["summary"]
+    assert "**Registry status not yet recruiting**" in cards[0]["detail"]
     app.extensions["cds"].store.close()
 
 

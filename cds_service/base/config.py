@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from cerberus import Validator
@@ -56,6 +57,12 @@ DEFAULTS: dict[str, Any] = {
         "referral_resources": ["ServiceRequest", "ResearchSubject"],
         # Code system of the card's overrideReasons (codes: declined, not-appropriate, …).
         "override_reason_system": "https://cds-service.example.org/override-reason",
+        # IANA time zone of the times shown to clinicians on cards ("today 14:30"); instants in the
+        # card's machine-readable extension stay in UTC.
+        "timezone": "UTC",
+        # Cards for trials whose registry status is not `recruiting` (completed, unknown, …): shown,
+        # saying so, with a referral that is not recommended; false hides them altogether.
+        "show_not_recruiting": True,
     },
     "fhir": {
         # Base URLs the bearer token may be sent to; empty = any https server (and http if allowed).
@@ -96,6 +103,15 @@ _TRUSTED_CLIENT_SCHEMA = {
     },
 }
 
+
+def _time_zone_ok(field: str, value: Any, error: Any) -> None:
+    """An IANA zone name the zoneinfo database knows (tzdata is a dependency: no system files needed)."""
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        error(field, f"unknown IANA time zone {value!r} (e.g. UTC, Europe/Paris, America/Chicago)")
+
+
 SCHEMA: dict[str, Any] = {
     "server": {
         "type": "dict",
@@ -125,6 +141,8 @@ SCHEMA: dict[str, Any] = {
                 "schema": {"type": "string", "allowed": ["ServiceRequest", "ResearchSubject"]},
             },
             "override_reason_system": {"type": "string", "regex": r"^(https?|urn):.+"},
+            "timezone": {"type": "string", "check_with": _time_zone_ok},
+            "show_not_recruiting": {"type": "boolean"},
         },
     },
     "fhir": {

@@ -109,6 +109,11 @@ class ReferralRequest:
     to_confirm: tuple[str, ...] = ()
     needs_data: tuple[str, ...] = ()
 
+    @property
+    def recommended(self) -> bool:
+        """Eligible for a trial that is recruiting: the only referral a client should pre-select."""
+        return self.status == ELIGIBLE and self.trial.recruiting
+
 
 STATUS_WORDS = {
     "eligible": "eligible on every criterion computable from the chart",
@@ -157,7 +162,7 @@ def service_request(request: ReferralRequest, screening: dict[str, Any]) -> dict
         "status": "active",
         "intent": "order",
         "category": [{"coding": [PATIENT_REFERRAL]}],
-        "priority": "urgent" if request.status == ELIGIBLE and request.closing_soon else "routine",
+        "priority": "urgent" if request.recommended and request.closing_soon else "routine",
         "code": {"text": REFERRAL_TEXT},
         "subject": {"reference": f"Patient/{request.patient_id}"},
         "performer": [performer],
@@ -220,10 +225,11 @@ def referral_actions(request: ReferralRequest, screening: dict[str, Any]) -> lis
 
 
 def referral_suggestion(request: ReferralRequest, screening: dict[str, Any], label: str) -> dict[str, Any]:
-    """The card's one suggestion; recommended only when the patient is eligible."""
+    """The card's one suggestion; recommended only when the patient is eligible for a recruiting trial
+    (a completed trial, or one whose registry status is unknown, is never pushed)."""
     return {
         "label": label,
         "uuid": referral_suggestion_uuid(request.card_uuid),
-        "isRecommended": request.status == ELIGIBLE,
+        "isRecommended": request.recommended,
         "actions": referral_actions(request, screening),
     }

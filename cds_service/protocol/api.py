@@ -105,6 +105,12 @@ def health() -> Response:
         {
             "status": "ok",
             "trials": [t.id for t in current.screener.trials],
+            # Trials screened but whose cards the site hides (screening.show_not_recruiting: false).
+            "cards_hidden": [
+                t.id
+                for t in current.screener.trials
+                if not t.recruiting and not current.settings.section("screening")["show_not_recruiting"]
+            ],
             "auth": "jwt" if current.verifier else "open",
         }
     )

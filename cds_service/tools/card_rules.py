@@ -8,6 +8,8 @@ unique uuid (feedback's ``acceptedSuggestions`` echo it, so the card needs a uui
 ``isRecommended`` (at most one recommended under ``at-most-one``) and well-formed actions (a FHIR
 resource for create/update, a ``resourceId`` for delete); override reasons as Codings with a display;
 and no empty optional fields (the spec says optional fields are omitted, never null, "", [] or {}).
+
+:func:`screening_extension_problems` checks this service's own contract, ``extension.screening``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ CARD_FIELDS = {
 UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
+#: ``card.extension.screening`` (cds_service/cards/extension.py; the README's contract).
+SCREENING_STATUSES = ("eligible", "possibly_eligible", "upcoming")
+CRITERION_RESULTS = ("met", "not_met", "unknown", "to_confirm")
+CRITERION_KINDS = ("inclusion", "exclusion")
+INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+
+
 def _empty(value: Any) -> bool:
     return value is None or value == "" or value == [] or value == {}
 
@@ -41,6 +51,8 @@ def _empty(value: Any) -> bool:
 def _no_empty(value: Any, path: str, problems: list[str]) -> None:
     if isinstance(value, dict):
         for key, inner in value.items():
+            if path == "card" and key == "extension":
+                continue  # an extension's content follows its own contract (nulls allowed there)
             if _empty(inner):
                 problems.append(f"{path}.{key}: empty optional field (omit it instead)")
             else:
@@ -210,3 +222,126 @@ def response_problems(body: Any) -> list[str]:
     if "systemActions" in body and _empty(body["systemActions"]):
         problems.append("systemActions: empty optional field")
     return problems
+
+
+def _keys(value: Any, keys: set[str], path: str, problems: list[str]) -> bool:
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must be an object")
+        return False
+    if set(value) != keys:
+        missing, extra = sorted(keys - set(value)), sorted(set(value) - keys)
+        problems.append(f"{path}: keys must be exactly {sorted(keys)} (missing {missing}, extra {extra})")
+        return False
+    return True
+
+
+def _instant_or_null(value: Any, path: str, problems: list[str]) -> None:
+    if value is not None and not (isinstance(value, str) and INSTANT.match(value)):
+        problems.append(f"{path}: {value!r} is neither an instant (with offset) nor null")
+
+
+def screening_extension_problems(card: Any) -> list[str]:
+    """Every way ``card.extension.screening`` breaks the contract (README, "The screening extension")."""
+    problems: list[str] = []
+    extension = card.get("extension") if isinstance(card, dict) else None
+    screening = extension.get("screening") if isinstance(extension, dict) else None
+    where = "extension.screening"
+    if screening is None:
+        return [f"{where}: missing"]
+    if not _keys(screening, {"trial", "status", "window", "criteria"}, where, problems):
+        return problems
+    trial = screening["trial"]
+    if not (isinstance(trial, str) and re.match(r"^NCT\d{8}$", trial)):
+        problems.append(f"{where}.trial: {trial!r} is not an NCT id")
+    topic = (card.get("source") or {}).get("topic") or {}
+    if isinstance(topic, dict) and topic.get("code") and topic.get("code") != trial:
+        problems.append(f"{where}.trial: {trial!r} differs from source.topic.code {topic.get('code')!r}")
+    if screening["status"] not in SCREENING_STATUSES:
+        problems.append(f"{where}.status: {screening['status']!r} not one of {', '.join(SCREENING_STATUSES)}")
+    if _keys(screening["window"], {"opens", "closes"}, f"{where}.window", problems):
+        for key in ("opens", "closes"):
+            _instant_or_null(screening["window"][key], f"{where}.window.{key}", problems)
+    criteria = screening["criteria"]
+    if not isinstance(criteria, list) or not criteria:
+        problems.append(f"{where}.criteria: must be a non-empty list")
+        return problems
+    seen: set[str] = set()
+    for index, entry in enumerate(criteria):
+        path = f"{where}.criteria[{index}]"
+        if not _keys(entry, {"id", "kind", "result", "evidence"}, path, problems):
+            continue
+        if not isinstance(entry["id"], str) or not entry["id"] or entry["id"] in seen:
+            problems.append(f"{path}.id: {entry['id']!r} must be a unique non-empty string")
+        seen.add(str(entry["id"]))
+        if entry["kind"] not in CRITERION_KINDS:
+            problems.append(f"{path}.kind: {entry['kind']!r} not inclusion|exclusion")
+        if entry["result"] not in CRITERION_RESULTS:
+            problems.append(f"{path}.result: {entry['result']!r} not one of {', '.join(CRITERION_RESULTS)}")
+        if not isinstance(entry["evidence"], list):
+            problems.append(f"{path}.evidence: must be a list")
+            continue
+        for number, item in enumerate(entry["evidence"]):
+            item_path = f"{path}.evidence[{number}]"
+            if not _keys(item, {"text", "time", "resource"}, item_path, problems):
+                continue
+            if not isinstance(item["text"], str) or not item["text"]:
+                problems.append(f"{item_path}.text: must be a non-empty string")
+            _instant_or_null(item["time"], f"{item_path}.time", problems)
+            resource = item["resource"]
+            if resource is not None and not (isinstance(resource, str) and REFERENCE.match(resource)):
+                problems.append(f"{item_path}.resource: {resource!r} is neither Type/id nor null")
+    return problems
+
+
+def screening_of(card: Any) -> dict[str, Any]:
+    """``card.extension.screening`` (an empty dict when the card has none)."""
+    extension = card.get("extension") if isinstance(card, dict) else None
+    screening = extension.get("screening") if isinstance(extension, dict) else None
+    return screening if isinstance(screening, dict) else {}
+
+
+def expectation_problems(
+    trial: str,
+    expected: str,
+    cards: list[Any],
+    expected_criteria: dict[str, str] | None = None,
+) -> list[str]:
+    """How the cards answered for ``trial`` (those whose ``source.topic.code`` is the trial) differ
+    from a scenario's expectation, judged on ``extension.screening`` — never on the English text.
+
+    ``expected`` is a status; eligible / possibly_eligible / upcoming want exactly one card whose
+    extension says so, not_eligible / window_closed want no card. ``expected_criteria`` (criterion
+    id → met | not_met | unknown | to_confirm) is checked against the extension's criteria.
+    """
+    problems: list[str] = []
+    want_card = expected in SCREENING_STATUSES
+    if len(cards) > 1:
+        problems.append(f"{len(cards)} cards for {trial} (expected at most one)")
+        if not want_card:
+            problems.append(f"expected no {trial} card ({expected}), got a card")
+        return problems
+    if not cards:
+        return [f"expected a {trial} card ({expected}), got no card"] if want_card else []
+    if not want_card:
+        return [f"expected no {trial} card ({expected}), got a card"]
+    card = cards[0]
+    problems += screening_extension_problems(card)
+    screening = screening_of(card)
+    status = screening.get("status")
+    if status != expected:
+        problems.append(f"extension.screening.status: expected {expected}, got {status}")
+    results = {c.get("id"): c.get("result") for c in screening.get("criteria") or [] if isinstance(c, dict)}
+    for criterion, result in sorted((expected_criteria or {}).items()):
+        got = results.get(criterion, "absent")
+        if got != result:
+            problems.append(f"extension.screening criterion {criterion}: expected {result}, got {got}")
+    return problems
+
+
+def outcome_of(cards: list[Any]) -> str:
+    """What a trial's cards say, for a report: the extension's status, 'no card' or 'N cards'."""
+    if not cards:
+        return "no card"
+    if len(cards) > 1:
+        return f"{len(cards)} cards"
+    return str(screening_of(cards[0]).get("status") or "card without extension")

@@ -9,8 +9,9 @@
    (a key that fails is left out), signs the call with a JWT when a key is given, and calls the hook
    with prefetch, without it, or both;
 3. checks every card against the CDS Hooks card rules and every outcome against the scenario's
-   expectation per trial, prints a table, writes JUnit XML on request and exits non-zero on any
-   mismatch;
+   expectation per trial — read from the card's machine-readable ``extension.screening`` (status,
+   window, criteria), never from its English text — prints a table, writes JUnit XML on request and
+   exits non-zero on any mismatch;
 4. deletes what it loaded (unless ``--keep``).
 
 The scenario file format and every option are documented in ``docs/harness.md``.
@@ -37,7 +38,7 @@ from typing import Any, TextIO
 
 import requests
 
-from .card_rules import card_problems, response_problems
+from .card_rules import CRITERION_RESULTS, card_problems, expectation_problems, outcome_of, response_problems
 
 #: Every resource id the harness loads starts with this (unless ``--allow-any-ids``).
 ID_PREFIX = "cdsh-"
@@ -80,6 +81,8 @@ class HarnessScenario:
     expected: dict[str, str]
     bundle: dict[str, Any]  # transaction Bundle
     source: str = "shipped"
+    #: NCT id → criterion id → result expected in the card's ``extension.screening.criteria``.
+    expected_criteria: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def resources(self) -> list[dict[str, Any]]:
         return [
@@ -112,6 +115,17 @@ class HarnessScenario:
                 raise HarnessError(
                     f"{where}: expected[{trial}]: {status!r} is not one of {', '.join(STATUSES)}"
                 )
+        for trial, results in self.expected_criteria.items():
+            if self.expected.get(trial) not in CARD_EXPECTED:
+                raise HarnessError(
+                    f"{where}: expectedCriteria[{trial}]: only for a trial expected to give a card"
+                )
+            for criterion, result in results.items():
+                if result not in CRITERION_RESULTS:
+                    raise HarnessError(
+                        f"{where}: expectedCriteria[{trial}][{criterion}]: {result!r} is not one of "
+                        f"{', '.join(CRITERION_RESULTS)}"
+                    )
         self.patient_id  # noqa: B018 - raises when there is not exactly one Patient
         for resource in self.resources():
             rid = resource.get("id")
@@ -134,7 +148,15 @@ def shipped_scenarios(now: datetime) -> list[HarnessScenario]:
         raise HarnessError(f"the shipped scenarios cannot be loaded: {exc}") from None
 
     return [
-        HarnessScenario(s.name, s.story, dict(s.expected), s.bundle(), "shipped") for s in all_scenarios(now)
+        HarnessScenario(
+            s.name,
+            s.story,
+            dict(s.expected),
+            s.bundle(),
+            "shipped",
+            {k: dict(v) for k, v in s.expected_criteria.items()},
+        )
+        for s in all_scenarios(now)
     ]
 
 
@@ -161,7 +183,16 @@ def file_scenarios(path: Path, now: datetime) -> list[HarnessScenario]:
             raise HarnessError(str(exc)) from None
         shift = (now - loaded.evaluated_at).total_seconds()
         bundle = shift_bundle_times(loaded.bundle, shift)
-        scenarios.append(HarnessScenario(loaded.name, loaded.story, dict(loaded.expected), bundle, str(file)))
+        scenarios.append(
+            HarnessScenario(
+                loaded.name,
+                loaded.story,
+                dict(loaded.expected),
+                bundle,
+                str(file),
+                {k: dict(v) for k, v in loaded.expected_criteria.items()},
+            )
+        )
     return scenarios
 
 
@@ -743,14 +774,23 @@ class Harness:
             )
         return candidates[0]
 
-    def screened_trials(self) -> set[str] | None:
-        """The trials this deployment screens (``/health``); None when it does not say."""
+    def health(self) -> dict[str, Any]:
         try:
             response = self.service_session.get(f"{self.base}/health", timeout=self.timeout)
-            trials = response.json().get("trials") if response.status_code == 200 else None
-        except (requests.RequestException, ValueError, AttributeError):
-            return None
+            body = response.json() if response.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def screened_trials(self) -> set[str] | None:
+        """The trials this deployment screens (``/health``); None when it does not say."""
+        trials = self.health().get("trials")
         return {str(t) for t in trials} if isinstance(trials, list) else None
+
+    def hidden_trials(self) -> set[str]:
+        """Trials whose cards this deployment hides (``/health`` ``cards_hidden``: not recruiting)."""
+        hidden = self.health().get("cards_hidden")
+        return {str(t) for t in hidden} if isinstance(hidden, list) else set()
 
     # -- one hook call ------------------------------------------------------------------------------
     def prefetch(
@@ -839,7 +879,12 @@ class Harness:
 
     # -- checking -----------------------------------------------------------------------------------
     @staticmethod
-    def check(scenario: HarnessScenario, result: CallResult, screened: set[str] | None) -> list[CaseResult]:
+    def check(
+        scenario: HarnessScenario,
+        result: CallResult,
+        screened: set[str] | None,
+        hidden: frozenset[str] | set[str] = frozenset(),
+    ) -> list[CaseResult]:
         cases: list[CaseResult] = []
         by_trial: dict[str, list[int]] = {}
         general: list[str] = []
@@ -859,25 +904,26 @@ class Harness:
                 by_trial.setdefault(code, []).append(index)
         else:
             general.append(result.error or "the call failed")
+        cards = result.body.get("cards") if result.status == 200 and isinstance(result.body, dict) else []
         for trial, expected in scenario.expected.items():
             indexes = by_trial.get(trial, [])
             problems = list(general)
             if result.status != 200:
                 got = result.error.split(":")[0] if result.error else "error"
             else:
-                got = "card" if len(indexes) == 1 else ("no card" if not indexes else f"{len(indexes)} cards")
-                if len(indexes) > 1:
-                    problems.append(f"{len(indexes)} cards for {trial} (expected at most one)")
-                want_card = expected in CARD_EXPECTED
-                if want_card and not indexes:
-                    problems.append(f"expected a {trial} card ({expected}), got no card")
-                if not want_card and indexes:
-                    problems.append(f"expected no {trial} card ({expected}), got a card")
+                trial_cards = [cards[i] for i in indexes]
+                got = outcome_of(trial_cards)
+                # The outcome is read from extension.screening: status and criteria, not the text.
+                problems += expectation_problems(
+                    trial, expected, trial_cards, scenario.expected_criteria.get(trial)
+                )
                 for index in indexes:
                     problems += [f"cards[{index}] ({trial}).{p}" for p in card_issues.get(index, [])]
             skipped = ""
             if screened is not None and trial not in screened:
                 skipped = f"{trial} is not screened by this deployment"
+            elif trial in hidden:
+                skipped = f"{trial} cards are hidden by this deployment (screening.show_not_recruiting)"
             cases.append(
                 CaseResult(
                     scenario.name,
@@ -897,11 +943,12 @@ class Harness:
     def run(self, scenarios: Sequence[HarnessScenario], report: HarnessReport) -> None:
         service = self.discover()
         screened = self.screened_trials()
+        hidden = self.hidden_trials()
         unchecked: set[str] = set()
         for scenario in scenarios:
             for mode in self.options.modes:
                 result = self.call(service, scenario.patient_id, mode)
-                report.cases += self.check(scenario, result, screened)
+                report.cases += self.check(scenario, result, screened, hidden)
                 report.notes += [f"{scenario.name} [{mode}]: {n}" for n in dict.fromkeys(result.notes)]
                 if result.status == 200 and isinstance(result.body, dict):
                     cards = result.body.get("cards")

@@ -7,14 +7,19 @@ Patient ids all start with ``cdsh-`` so that they cannot collide with real patie
 
 The expected results state, for all three seed trials, what the criteria in ``trials/`` must give:
 ``eligible`` / ``possibly_eligible`` / ``upcoming`` (a card) or ``not_eligible`` / ``window_closed``
-(no card). The test suite runs every scenario in memory, through the HTTP hook with prefetch, and
-through the hook against a real FHIR server without prefetch.
+(no card). A card's outcome is read from its machine-readable ``extension.screening`` (status, and
+the criteria results a scenario names in ``expectedCriteria``), never from its English text. The
+test suite runs every scenario in memory, through the HTTP hook with prefetch, and through the hook
+against a real FHIR server without prefetch; the integration harness runs them against a deployment.
 
 Scenario file format (documented in docs/trials.md, "Scenario files")::
 
     {"name": ..., "story": ..., "evaluatedAt": "<ISO UTC>",
      "expected": {"NCT…": "eligible" | "possibly_eligible" | "upcoming" | "not_eligible" | "window_closed"},
+     "expectedCriteria": {"NCT…": {"<criterion id>": "met" | "not_met" | "unknown" | "to_confirm"}},
      "bundle": <transaction Bundle of PUTs>}
+
+``expectedCriteria`` is optional, and only for trials expected to give a card.
 
 ``python -m cds_service.tools.scenarios`` regenerates ``examples/`` at the fixed time ``EXAMPLES_AT``.
 """
@@ -27,7 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ MSC = "NCT01849237"
 TRIAL_NAMES = {ECMO: "ECMO-RESCUE", IMICRO: "I-MICRO", MSC: "MSC-Neutropenia"}
 STATUSES = ("eligible", "possibly_eligible", "upcoming", "not_eligible", "window_closed")
 CARD_STATUSES = ("eligible", "possibly_eligible", "upcoming")
+CRITERION_RESULTS = ("met", "not_met", "unknown", "to_confirm")
 ID_PREFIX = "cdsh-"
 SITE_CODES = "urn:cds-service:site-codes"
 #: The evaluation time of the shipped examples (``cds-service evaluate --at`` must use it).
@@ -59,6 +65,8 @@ class Scenario:
     story: str
     expected: dict[str, str]
     builder: PatientBuilder
+    #: NCT id → criterion id → result in the card's extension (met, not_met, unknown, to_confirm).
+    expected_criteria: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def patient_id(self) -> str:
@@ -70,13 +78,16 @@ class Scenario:
 
     def document(self) -> dict[str, Any]:
         """The scenario file content (see the module docstring)."""
-        return {
+        document: dict[str, Any] = {
             "name": self.name,
             "story": self.story,
             "evaluatedAt": iso(self.builder.at),
             "expected": dict(self.expected),
-            "bundle": self.bundle(),
         }
+        if self.expected_criteria:
+            document["expectedCriteria"] = {k: dict(v) for k, v in self.expected_criteria.items()}
+        document["bundle"] = self.bundle()
+        return document
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -232,8 +243,14 @@ def all_scenarios(at: datetime) -> list[Scenario]:
     """Every scenario, built relative to the evaluation time ``at``."""
     out: list[Scenario] = []
 
-    def add(name: str, story: str, expected: dict[str, str], builder: PatientBuilder) -> None:
-        out.append(Scenario(name, story, expected, builder))
+    def add(
+        name: str,
+        story: str,
+        expected: dict[str, str],
+        builder: PatientBuilder,
+        criteria: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        out.append(Scenario(name, story, expected, builder, criteria or {}))
 
     # -- MSC in neutropenic septic shock (NCT01849237): window 0–10 h after onset --------------
     b = _patient("msc-eligible", at, age=45)
@@ -265,6 +282,7 @@ def all_scenarios(at: datetime) -> list[Scenario]:
         "ECMO-RESCUE: not eligible.",
         _expect("not_eligible", "upcoming", "possibly_eligible"),
         b,
+        {MSC: {"septic_shock": "met", "severe_neutropenia": "unknown", "informed_consent": "to_confirm"}},
     )
     b = _patient("msc-anc-per-ul", at, age=38)
     _msc_base(b, anc=400, unit="/uL")
@@ -444,6 +462,20 @@ def all_scenarios(at: datetime) -> list[Scenario]:
         "ECMO-RESCUE: not eligible.",
         _expect("not_eligible", "possibly_eligible", "window_closed"),
         b,
+        {IMICRO: {"peripheral_hypoperfusion": "unknown"}},
+    )
+    b = _patient("imicro-refill-normal-mottling-missing", at, age=66)
+    _imicro_base(b, mottling=None)
+    _capillary_refill(b, 2, hours=1)
+    add(
+        "imicro-refill-normal-mottling-missing",
+        "Septic shock for 12 h; a normal fingertip capillary refill (2 s) an hour ago, no mottling score "
+        "charted. A normal refill alone does not rule out persistent hypoperfusion (mottling counts "
+        "too): I-MICRO possibly eligible — the card shows the 2 s refill and asks for the mottling "
+        "score. MSC: window closed. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "possibly_eligible", "window_closed"),
+        b,
+        {IMICRO: {"peripheral_hypoperfusion": "unknown", "thrombocytopenia_under_30": "not_met"}},
     )
     b = _patient("imicro-capillary-refill", at, age=57)
     _imicro_base(b, mottling=None)
@@ -572,6 +604,7 @@ def all_scenarios(at: datetime) -> list[Scenario]:
         f"{ecmo_others}",
         _expect("eligible", "eligible", "not_eligible"),
         b,
+        {ECMO: {"other_cardiac_dysfunction": "to_confirm", "myocardial_impairment": "met"}},
     )
     b = _patient("ecmo-ug-per-min", at, age=52)
     _ecmo_base(b, unit="ug/min")
@@ -631,6 +664,7 @@ def all_scenarios(at: datetime) -> list[Scenario]:
         f"ECMO-RESCUE possibly eligible — the card asks for an LVEF or a cardiac index. {ecmo_others}",
         _expect("possibly_eligible", "eligible", "not_eligible"),
         b,
+        {ECMO: {"myocardial_impairment": "unknown", "high_dose_vasoactive_over_5h": "met"}},
     )
     b = _patient("ecmo-cardiac-index", at, age=52)
     _ecmo_base(b, lvef=None)
@@ -660,6 +694,7 @@ class ScenarioFile:
     expected: dict[str, str]
     bundle: dict[str, Any]
     path: str = ""
+    expected_criteria: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def at(self) -> float:
@@ -686,6 +721,7 @@ class ScenarioFile:
             dict(self.expected),
             shift_bundle_times(self.bundle, seconds),
             self.path,
+            {k: dict(v) for k, v in self.expected_criteria.items()},
         )
 
 
@@ -723,6 +759,23 @@ def load_scenario_file(path: str | Path) -> ScenarioFile:
             raise ScenarioFileError(
                 f"{path}: expected.{trial_id}: {status!r} is not one of {', '.join(STATUSES)}"
             )
+    criteria = document.get("expectedCriteria", {})
+    if not isinstance(criteria, dict):
+        raise ScenarioFileError(f"{path}: expectedCriteria: an object NCT id → criterion id → result")
+    for trial_id, results in criteria.items():
+        if expected.get(trial_id) not in CARD_STATUSES:
+            raise ScenarioFileError(
+                f"{path}: expectedCriteria.{trial_id}: only for a trial expected to give a card "
+                f"({', '.join(CARD_STATUSES)})"
+            )
+        if not isinstance(results, dict) or not results:
+            raise ScenarioFileError(f"{path}: expectedCriteria.{trial_id}: a non-empty object id → result")
+        for criterion_id, result in results.items():
+            if result not in CRITERION_RESULTS:
+                raise ScenarioFileError(
+                    f"{path}: expectedCriteria.{trial_id}.{criterion_id}: {result!r} is not one of "
+                    f"{', '.join(CRITERION_RESULTS)}"
+                )
     bundle = document["bundle"]
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise ScenarioFileError(f"{path}: bundle: must be a FHIR Bundle")
@@ -733,6 +786,7 @@ def load_scenario_file(path: str | Path) -> ScenarioFile:
         expected={str(k): str(v) for k, v in expected.items()},
         bundle=bundle,
         path=str(path),
+        expected_criteria={str(k): {str(c): str(r) for c, r in v.items()} for k, v in criteria.items()},
     )
     patients = [r for r in scenario.resources() if r.get("resourceType") == "Patient"]
     if len(patients) != 1:
@@ -923,6 +977,44 @@ def cmd_write(args: argparse.Namespace) -> int:
     return 0
 
 
+def outcome_problems(
+    expected: dict[str, str],
+    expected_criteria: dict[str, dict[str, str]],
+    results: list[Any],
+    cards: list[dict[str, Any]],
+    hidden: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, tuple[str, list[str]]]:
+    """NCT id → (what it gave, problems) for an in-memory screening: the cards' ``extension.screening``
+    decides for a card (``card_rules.expectation_problems``), the evaluation tells a "no card" apart
+    (not_eligible vs window_closed). A trial in ``hidden`` (cards hidden by the site's
+    ``screening.show_not_recruiting``) is judged on its evaluation status alone."""
+    from .card_rules import expectation_problems, outcome_of
+
+    status_of = {r.trial.id: r.status for r in results}
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for card in cards:
+        by_trial.setdefault(card["source"]["topic"]["code"], []).append(card)
+    report: dict[str, tuple[str, list[str]]] = {}
+    for trial_id, want in sorted(expected.items()):
+        status = status_of.get(trial_id)
+        if status is None:
+            report[trial_id] = ("not screened", [f"{trial_id} is not screened"])
+            continue
+        if trial_id in hidden:
+            ok = status == want
+            report[trial_id] = (f"{status} (card hidden)", [] if ok else [f"expected {want}, got {status}"])
+            continue
+        trial_cards = by_trial.get(trial_id, [])
+        problems = expectation_problems(trial_id, want, trial_cards, expected_criteria.get(trial_id))
+        got = outcome_of(trial_cards)
+        if not trial_cards:
+            got = status
+            if want not in CARD_STATUSES and status != want:
+                problems.append(f"expected {want} (no card), the evaluation gave {status}")
+        report[trial_id] = (got, problems)
+    return report
+
+
 def check_files(paths: list[Path], screener: Any, out: Any = None) -> int:
     """Evaluate scenario files in memory at their ``evaluatedAt``; print one line per scenario and trial.
 
@@ -936,12 +1028,18 @@ def check_files(paths: list[Path], screener: Any, out: Any = None) -> int:
         others = [r for r in scenario.resources() if r is not scenario.patient]
         data = RawPatientData(patient=scenario.patient, resources={"bundle": others})
         outcome = screener.screen(scenario.patient_id, data, scenario.at)
-        got = {r.trial.id: r.status for r in outcome.results}
-        for trial_id, expected in sorted(scenario.expected.items()):
-            status = got.get(trial_id, "not screened")
-            mismatches += status != expected
-            mark = "ok  " if status == expected else "FAIL"
-            out.write(f"{mark} {scenario.name:<34} {trial_id}  expected {expected:<18} got {status}\n")
+        cards = [card for _, card in screener.cards(outcome)]
+        hidden = {r.trial.id for r in outcome.results if r.shows_card and not screener.renderer.shows(r)}
+        report = outcome_problems(
+            scenario.expected, scenario.expected_criteria, outcome.results, cards, hidden
+        )
+        for trial_id, (got, problems) in report.items():
+            expected = scenario.expected[trial_id]
+            mismatches += bool(problems)
+            mark = "FAIL" if problems else "ok  "
+            out.write(f"{mark} {scenario.name:<38} {trial_id}  expected {expected:<18} got {got}\n")
+            for problem in problems:
+                out.write(f"       - {problem}\n")
     return mismatches
 
 

@@ -146,10 +146,11 @@ cds_service/tools/scenarios.py: do not edit by hand (tests/test_trials.py checks
 
 Each trial is one data file under `trials/` (registry facts, enrollment window, every inclusion
 and exclusion criterion quoting the sentence it encodes). A site chooses which trials it screens
-with `screening.trials` in its configuration (NCT ids; empty = every file in `trials/`); the card
-shows each trial's registry status, and for a trial that is not `recruiting` it asks the clinician to
-check with the research team that enrollment is open. Of the three seed trials only ECMO-RESCUE is
-still recruiting.
+with `screening.trials` in its configuration (NCT ids; empty = every file in `trials/`). A card for
+a trial that is not `recruiting` says so in its summary ("enrollment closed per registry", "registry
+status unknown"), asks the clinician to check with the research team, and its referral is not
+recommended; `screening.show_not_recruiting: false` hides those cards. Of the three seed trials only
+ECMO-RESCUE is still recruiting.
 
 ## How a trial is evaluated
 
@@ -200,6 +201,7 @@ into a FHIR server with `cds-service scenarios load --fhir URL --files DIR`.
   "story": "45-year-old man … MSC: eligible …",
   "evaluatedAt": "2026-11-21T12:00:00Z",
   "expected": {{"NCT05184296": "not_eligible", "NCT03788837": "upcoming", "NCT01849237": "eligible"}},
+  "expectedCriteria": {{"NCT01849237": {{"severe_neutropenia": "met", "informed_consent": "to_confirm"}}}},
   "bundle": {{"resourceType": "Bundle", "type": "transaction", "entry": [
     {{"fullUrl": "Patient/cdsh-msc-eligible",
      "resource": {{"resourceType": "Patient", "id": "cdsh-msc-eligible", "birthDate": "1980-07-15"}},
@@ -214,7 +216,12 @@ into a FHIR server with `cds-service scenarios load --fhir URL --files DIR`.
   replayed at another time with every event time shifted by the difference
   (`cds_service.tools.scenarios.shift_bundle_times`: effective*, period start/end, issued, onset*,
   recordedDate, authoredOn …, keeping each value's offset style; birthDate is never shifted).
-- `expected`: NCT id → one of {statuses}. A card is expected for the first three.
+- `expected`: NCT id → one of {statuses}. A card is expected for the first three, and its
+  machine-readable `extension.screening.status` must say the same (README, "The screening
+  extension"); for the last two no card is expected (in memory, the evaluation tells them apart).
+- `expectedCriteria` (optional): NCT id → criterion id → `met`, `not_met`, `unknown` or `to_confirm`,
+  checked against the card's `extension.screening.criteria` — for trials expected to give a card.
+  For an exclusion, `met` means the exclusion applies.
 - `bundle`: a FHIR R4 transaction Bundle of PUTs holding exactly one Patient and its Observations,
   MedicationAdministrations and Conditions. Use patient ids starting with `cdsh-` so that test data can
   never collide with a real patient.
