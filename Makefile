@@ -1,4 +1,5 @@
 # Two commands for a newcomer: `make run` serves the service, `make test` runs every test.
+# `make demo` shows cards: the service, a FHIR server and the scenario patients, on this machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,21 +7,29 @@ FHIR_VENV := .fhir-venv
 SEKMET_VERSION := 0.1.1
 HOST ?= 127.0.0.1
 PORT ?= 8080
+FHIR_PORT ?= 8090
 
-.PHONY: run install dev fhir-server-env postgres-bin test lint check bench harness image clean
+# Downloads retry (.ci/retry: 4 attempts, 15 s apart); apt waits for another installer's dpkg lock.
+RETRY := .ci/retry
+PIP_DOWNLOAD := --retries 5 --timeout 60
+APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300 -o Acquire::Retries=3
+# In CI (CI set, not false/0/no) a missing piece of test infrastructure fails the build, never a skip.
+IN_CI = case "$$CI" in ""|0|false|False|FALSE|no) false;; *) true;; esac
+
+.PHONY: run demo install dev fhir-server-env postgres-bin test lint check bench harness image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(RETRY) $(BIN)/pip install --quiet $(PIP_DOWNLOAD) --upgrade pip
 
 # The project itself (runtime dependencies only).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(RETRY) $(BIN)/pip install --quiet $(PIP_DOWNLOAD) -e .
 	touch $@
 
 # The project plus its test tools.
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(RETRY) $(BIN)/pip install --quiet $(PIP_DOWNLOAD) -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -29,22 +38,32 @@ dev: $(VENV)/.dev-installed
 run: install
 	$(BIN)/cds-service serve --host $(HOST) --port $(PORT)
 
+# The service, the test FHIR server with the scenario patients (times relative to now) and how to
+# see cards; Ctrl-C stops everything (cds_service/tools/demo.py). Ports: PORT, FHIR_PORT.
+demo: install fhir-server-env
+	$(BIN)/cds-service demo --port $(PORT) --fhir-port $(FHIR_PORT)
+
 # The real FHIR R4 server the integration tests start (its own venv: it pins its own pydantic).
 $(FHIR_VENV)/.installed:
 	$(PYTHON) -m venv $(FHIR_VENV)
-	$(FHIR_VENV)/bin/pip install --quiet sekmet-fhir==$(SEKMET_VERSION)
+	$(RETRY) $(FHIR_VENV)/bin/pip install --quiet $(PIP_DOWNLOAD) sekmet-fhir==$(SEKMET_VERSION)
 	touch $@
 
 fhir-server-env: $(FHIR_VENV)/.installed
 
 # PostgreSQL server binaries (Debian package) for the store tests; the tests start and stop it.
+# Without them the PostgreSQL tests skip on a developer's machine; in CI the install must succeed.
+POSTGRES_INITDB ?= /usr/lib/postgresql/*/bin/initdb
 postgres-bin:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@if ! ls $(POSTGRES_INITDB) >/dev/null 2>&1; then \
 	  echo "installing PostgreSQL server (Debian package)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
-	  || echo "WARNING: could not install PostgreSQL; its tests will be skipped"; \
+	  if ! { $(RETRY) $(APT_GET) update && $(RETRY) $(APT_GET) install -y postgresql >/dev/null; }; then \
+	    if $(IN_CI); then echo "ERROR: could not install PostgreSQL, which CI needs" >&2; exit 1; fi; \
+	    echo "WARNING: could not install PostgreSQL; its tests will be skipped (in CI they fail)"; \
+	  fi; \
 	fi
 
+# Ends with one line counting skipped tests; in CI any skip fails the run (tests/conftest.py).
 test: dev fhir-server-env postgres-bin
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -59,8 +78,9 @@ bench: dev fhir-server-env
 	$(BIN)/python -m cds_service.tools.bench --out bench-results
 
 # Check a deployment end to end: make harness SERVICE=https://cds.example.org FHIR=https://fhir.example.org/r4
-SERVICE ?= http://127.0.0.1:8080
-FHIR ?= http://127.0.0.1:8090/fhir
+# With no arguments it checks `make demo` (the same PORT and FHIR_PORT).
+SERVICE ?= http://127.0.0.1:$(PORT)
+FHIR ?= http://127.0.0.1:$(FHIR_PORT)/fhir
 harness: install
 	$(BIN)/cds-service harness --service $(SERVICE) --fhir $(FHIR) --mode both --junit harness-junit.xml
 

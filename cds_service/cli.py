@@ -1,10 +1,16 @@
-"""``cds-service`` command line: serve, evaluate, check, screening-log."""
+"""``cds-service`` command line: serve, evaluate, check, screening-log, scenarios, harness, demo.
+
+Exit status: 0 done; 1 a check failed (invalid knowledge files, a scenario or harness mismatch);
+2 bad input (arguments, files, configuration), always as one line on stderr, never a traceback;
+3 the patient data could not be obtained (``evaluate`` with a ``fhirServer``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import re
 import sys
 import tempfile
 import time
@@ -14,8 +20,12 @@ from typing import Any
 
 import orjson
 
+from .base.commandline import EXIT_BAD_INPUT, CommandParser, InputError, tcp_port
 from .base.config import ConfigError, Settings, load_settings
 from .base.datafiles import DataFileError
+from .base.errors import HookError
+
+_NCT = re.compile(r"^NCT\d{8}$")
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -28,12 +38,25 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def parse_at(text: str | None) -> float | None:
+    """An ISO 8601 time with an offset, as a timestamp (argparse type: errors are usage errors)."""
     if text is None:
         return None
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-11-21T12:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"a time zone offset is needed (e.g. {text}Z): {text!r}")
     return moment.timestamp()
+
+
+def nct_id(text: str) -> str:
+    """argparse type: a ClinicalTrials.gov id, NCT + 8 digits."""
+    if not _NCT.match(text):
+        raise argparse.ArgumentTypeError(f"not an NCT id (NCT + 8 digits): {text!r}")
+    return text
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -90,10 +113,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- evaluate ---------------------------------------------------------------------------------------
 
 
+_EVALUATE_INPUTS = "a patient-view hook request, a FHIR Bundle of one patient or a scenario file"
+
+
 def _load_input(path: Path) -> dict[str, Any]:
-    data = orjson.loads(path.read_bytes())
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a JSON file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object (a hook request or a FHIR Bundle)")
+        raise InputError(f"{path}: a JSON {type(data).__name__}, expected an object: {_EVALUATE_INPUTS}")
     return data
 
 
@@ -109,9 +144,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     at = args.at if args.at is not None else time.time()
     if "bundle" in document and "evaluatedAt" in document:
         # A scenario file: its Bundle, evaluated at its own time unless --at says otherwise.
-        from .tools.scenarios import load_scenario_file
+        from .tools.scenarios import ScenarioFileError, load_scenario_file
 
-        scenario = load_scenario_file(args.file)
+        try:
+            scenario = load_scenario_file(args.file)
+        except ScenarioFileError as exc:
+            raise InputError(str(exc)) from None
         at = args.at if args.at is not None else scenario.at
         document = scenario.bundle
         print(f"scenario {scenario.name}: expected {scenario.expected}", file=sys.stderr)
@@ -119,17 +157,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         resources = [e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)]
         patients = [r for r in resources if isinstance(r, dict) and r.get("resourceType") == "Patient"]
         if len(patients) != 1:
-            print(
-                f"{args.file}: a Bundle must hold exactly one Patient (found {len(patients)})",
-                file=sys.stderr,
-            )
-            return 2
+            raise InputError(f"{args.file}: a Bundle must hold exactly one Patient (found {len(patients)})")
         data = RawPatientData(
             patient=patients[0], resources={"bundle": [r for r in resources if r is not patients[0]]}
         )
         patient_id = str(patients[0].get("id", "patient"))
     else:
-        request = parse_hook_request(document, "patient-view")
+        try:
+            request = parse_hook_request(document, "patient-view")
+        except HookError as exc:
+            raise InputError(f"{args.file}: not {_EVALUATE_INPUTS}: {exc.diagnostics}") from None
         client = FhirClient(settings.section("fhir")) if request.fhir_server else None
         try:
             data = gather(request, screener.plan, client, settings.section("fhir"), at)
@@ -196,12 +233,22 @@ def cmd_screening_log(args: argparse.Namespace) -> int:
     from .store import export_screening_csv, open_store
 
     settings = _settings(args)
-    store = open_store(settings.section("store")["url"])
     trials = set(args.trial or [])
+    if trials:
+        # Known: every trial file of the data folder (screened now or not).
+        from .knowledge.mappings import load_knowledge
+        from .knowledge.trials import load_trials
+
+        known = {t.id for t in load_trials(settings.data_dir, load_knowledge(settings.data_dir))}
+    store = open_store(settings.section("store")["url"])
     try:
-        rows = store.screening_log(
-            since=args.since, trial_id=next(iter(trials)) if len(trials) == 1 else None
-        )
+        rows = store.screening_log(since=args.since)
+        unknown = sorted(trials - known - {r.trial_id for r in rows}) if trials else []
+        if unknown:
+            raise InputError(
+                f"--trial {', '.join(unknown)}: no such trial in {settings.data_dir / 'trials'} "
+                f"nor in the screening log (known: {', '.join(sorted(known))})"
+            )
         count = export_screening_csv([r for r in rows if not trials or r.trial_id in trials], sys.stdout)
     finally:
         store.close()
@@ -210,8 +257,12 @@ def cmd_screening_log(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(
+        prog="cds-service",
+        description=__doc__.split("\n\n")[0].replace("``", "`"),
+        epilog=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`"),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -220,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the production server (gunicorn) in the foreground")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--port", type=tcp_port, default=None, help="port (default 8080)")
     serve.add_argument("--workers", type=int, default=None, help="sync workers (default: one per core)")
     add_config(serve)
     serve.set_defaults(func=cmd_serve)
@@ -250,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only cards issued since this time (ISO 8601 with offset)",
     )
     log.add_argument(
-        "--trial", action="append", metavar="NCT", help="only this trial (NCT id); repeat for several"
+        "--trial",
+        action="append",
+        type=nct_id,
+        metavar="NCT",
+        help="only this trial (NCT id); repeat for several",
     )
     add_config(log)
     log.set_defaults(func=cmd_screening_log)
@@ -258,20 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.scenarios import register as register_scenarios
 
     register_scenarios(sub)
-    from .tools import harness
+    from .tools import demo, harness
 
     harness.register(sub)
+    demo.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"cds-service {args.command}"
     try:
         return int(args.func(args))
-    except (ConfigError, DataFileError) as exc:
-        print(f"cds-service: {exc}", file=sys.stderr)
+    except DataFileError as exc:  # the knowledge files are invalid: what `check` is for
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except (ConfigError, InputError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # e.g. a folder that cannot be written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

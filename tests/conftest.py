@@ -1,5 +1,10 @@
 """Shared fixtures: the app on a temporary store, a client that checks every card it sees, and
-the real servers (FHIR, PostgreSQL) started by session fixtures in their own modules."""
+the real servers (FHIR, PostgreSQL) started by session fixtures in their own modules.
+
+Skips: a test that needs infrastructure calls ``needs_infrastructure`` (``tests/infrastructure.py``):
+it skips on a developer's machine and fails in CI. The hooks at the end of this file also turn any
+other skip into a failure when ``CI`` is set, and end every run with one line counting the skips.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from cds_service.screening import Screener
 from cds_service.tools.card_rules import response_problems, screening_extension_problems
 from cds_service.tools.scenario_builder import PatientBuilder
 from tests.fhir_server import *  # noqa: F403
+from tests.infrastructure import SHARED_DIR, in_ci, needs_infrastructure
 from tests.pg_server import *  # noqa: F403
+
+__all__ = ["SHARED_DIR", "in_ci", "needs_infrastructure"]  # the skip policy, for every test module
 
 SERVICE_URL = "/cds-services/septic-shock-trial-screening"
 
@@ -129,3 +137,54 @@ def hook_body(
         body["prefetch"] = builder.prefetch(_default_templates())
     body.update(extra)
     return body
+
+
+# -- skips: counted, and failures in CI ----------------------------------------------------------------
+
+#: Every skip of this run: "test id: reason".
+SKIPS: list[str] = []
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI a skip (any: skip, skipif, importorskip, a fixture's skip) is reported as a failure."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        SKIPS.append(f"{item.nodeid}: {reason}")
+        if in_ci():
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, where no test may skip: {reason}"
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A whole module skipped at collection counts too (and fails the run in CI: see below)."""
+    if report.skipped:
+        SKIPS.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if SKIPS and in_ci() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def skip_summary(skips: list[str], ci: bool) -> str:
+    """The last line of every run: how many tests skipped (zero is what CI accepts)."""
+    if not skips:
+        return "skips: 0" + (" (CI accepts none)" if ci else "")
+    verdict = "CI accepts none: FAILED" if ci else "in CI each would be a failure"
+    return f"skips: {len(skips)} ({verdict}) — " + "; ".join(skips)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and not hasattr(config, "workerinput"):
+        reporter.write_line(skip_summary(SKIPS, in_ci()))

@@ -7,7 +7,8 @@ own new database on that server and drops it afterwards. The server is always st
 directory removed (teardown, and ``atexit`` as a fallback).
 
 The binaries are looked up in ``$CDS_TEST_PG_BIN``, ``/usr/lib/postgresql/*/bin`` (newest first) and
-``PATH``; without them the tests that need PostgreSQL are skipped. As root the server runs as the
+``PATH``; without them the tests that need PostgreSQL skip (fail in CI: ``needs_infrastructure``). As
+root the server runs as the
 ``postgres`` OS user (PostgreSQL refuses to run as root). Set ``CDS_TEST_POSTGRES_URL`` to an
 existing server's admin URL (a role that may create databases) to use it instead of starting one.
 
@@ -37,6 +38,8 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+
+from tests.infrastructure import needs_infrastructure
 
 __all__ = ["PostgresServer", "find_postgres_bin", "pg_fresh_url", "pg_server", "pg_url"]
 
@@ -104,10 +107,16 @@ class PostgresServer:
         self._owner_pid = os.getpid()  # a forked test process must never stop the server
         if os.geteuid() == 0:
             try:
-                account = pwd.getpwnam("postgres")
+                account: pwd.struct_passwd | None = pwd.getpwnam("postgres")
             except KeyError:
+                account = None
                 shutil.rmtree(self.root, ignore_errors=True)
-                pytest.skip("running as root and there is no 'postgres' OS user to run PostgreSQL as")
+            needs_infrastructure(
+                "a 'postgres' OS user to run PostgreSQL as (PostgreSQL refuses to run as root)",
+                account is not None,
+                "install Debian's postgresql package (`make postgres-bin`), which creates it",
+            )
+            assert account is not None
             self._run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
             os.chown(self.root, account.pw_uid, account.pw_gid)
         self.socket_dir.mkdir()
@@ -269,11 +278,12 @@ def pg_server() -> Iterator[PostgresServer | str]:
         yield external
         return
     bin_dir = find_postgres_bin()
-    if bin_dir is None:
-        pytest.skip(
-            "PostgreSQL server binaries (initdb, postgres, pg_ctl) not found in /usr/lib/postgresql/*/bin "
-            "or PATH; run `make postgres-bin` or set CDS_TEST_POSTGRES_URL"
-        )
+    needs_infrastructure(
+        "PostgreSQL server binaries (initdb, postgres, pg_ctl in /usr/lib/postgresql/*/bin or PATH)",
+        bin_dir is not None,
+        "run `make postgres-bin`, or set CDS_TEST_POSTGRES_URL to a server",
+    )
+    assert bin_dir is not None
     server = PostgresServer(bin_dir)
     try:
         server.init()

@@ -549,7 +549,8 @@ def test_hook_responses_carry_complete_cards(client: FlaskClient, now: datetime)
 
 def test_every_scenario_card_follows_the_rules_and_its_resources_validate(screener: Screener) -> None:
     """The shipped scenario patients (all three trials): every card, every suggested resource."""
-    scenarios = pytest.importorskip("cds_service.tools.scenarios")
+    from cds_service.tools import scenarios
+
     models = {"ServiceRequest": ServiceRequest, "ResearchSubject": ResearchSubject}
     seen: set[tuple[str, str]] = set()
     for scenario in scenarios.all_scenarios(scenarios.EXAMPLES_AT):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import threading
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -17,6 +19,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask
@@ -31,11 +34,13 @@ from cds_service.tools.harness import (
     HARNESS_TAG,
     JWT_LIFETIME_SECONDS,
     Harness,
+    HarnessError,
     HarnessOptions,
     HarnessReport,
     HarnessScenario,
     JwtSigner,
     fill_template,
+    new_run_id,
     run_harness,
     service_base,
 )
@@ -130,9 +135,11 @@ def junit_cases(path: Path) -> list[ET.Element]:
     return list(root.iter("testcase"))
 
 
-def assert_cleaned(fhir: FhirTestServer, scenarios: list[HarnessScenario]) -> None:
+def assert_cleaned(fhir: FhirTestServer, scenarios: list[HarnessScenario], run_id: str) -> None:
+    """Nothing the run loaded (every id with ``-<run_id>``) is left on the FHIR server."""
+    assert run_id
     for scenario in scenarios:
-        for resource in scenario.resources():
+        for resource in scenario.with_run_id(run_id).resources():
             ref = f"{resource['resourceType']}/{resource['id']}"
             status = fhir.session.get(fhir.url(ref), timeout=10).status_code
             assert status in (404, 410), f"{ref} left on the FHIR server (HTTP {status})"
@@ -157,7 +164,7 @@ def test_shipped_scenarios_pass_in_both_modes(
     assert "all passed" in output
     for scenario in shipped:
         status = fhir_server.session.get(
-            fhir_server.url(f"Patient/{scenario.builder.patient_id}"), timeout=10
+            fhir_server.url(f"Patient/{scenario.builder.patient_id}-{report.run_id}"), timeout=10
         )
         assert status.status_code in (404, 410), "the harness must delete what it loaded"
 
@@ -233,7 +240,7 @@ def test_in_test_scenarios_pass_both_modes_with_junit_and_clean_up(
     assert any(
         line.split()[:6] == ["msc-normal-anc", MSC, "fetch", "not_eligible", "no", "card"] for line in table
     )
-    assert_cleaned(fhir_server, scenarios)
+    assert_cleaned(fhir_server, scenarios, report.run_id)
 
 
 @pytest.mark.fhir
@@ -305,13 +312,16 @@ def test_jwt_signed_calls_pass_and_unsigned_ones_get_401(
     assert rsa_jwks["keys"][0]["alg"] == "RS384" and "d" not in rsa_jwks["keys"][0]
     ec_public = {k: v for k, v in ec_jwk.items() if k != "d"}
     scenarios = msc_scenarios(datetime.now(UTC).replace(microsecond=0))[:2]
+    run_ids = []
     with secured_service(tmp_path, {"keys": [ec_public, *rsa_jwks["keys"]]}) as url:
         for key_file in (ec_file, rsa_file):
             report, output = run(
                 options(url, fhir_server, jwt_key=str(key_file), jwt_issuer=ISSUER), scenarios
             )
             assert report.exit_code == 0, output
+            run_ids.append(report.run_id)
         unsigned, output = run(options(url, fhir_server, mode="prefetch"), scenarios)
+        run_ids.append(unsigned.run_id)
         assert unsigned.exit_code == 1
         assert {c.got for c in unsigned.cases} == {"HTTP 401"}
         assert set(unsigned.failing_scenarios) == {s.name for s in scenarios}
@@ -320,7 +330,9 @@ def test_jwt_signed_calls_pass_and_unsigned_ones_get_401(
         wrong.jwt_issuer = ISSUER
         report, output = run(wrong, scenarios)
         assert report.exit_code == 1 and "server.public_url" in output
-    assert_cleaned(fhir_server, scenarios)
+        run_ids.append(report.run_id)
+    for run_id in run_ids:
+        assert_cleaned(fhir_server, scenarios, run_id)
 
 
 def test_signer_claims_and_headers_verify_with_the_services_verifier(tmp_path: Path) -> None:
@@ -427,20 +439,21 @@ def test_ids_without_the_prefix_and_foreign_patients_are_refused(
     )
     assert report.exit_code == 2 and "must start with 'cdsh-'" in report.error
     assert fhir_server.session.get(fhir_server.url("Patient/real-patient-42"), timeout=10).status_code == 404
-    # A cdsh- patient that exists on the server but was not loaded by the harness is never touched.
-    foreign = {"resourceType": "Patient", "id": "cdsh-test-foreign", "gender": "female"}
+    # A cdsh- patient that exists on the server but was not loaded by the harness is never touched
+    # (the run's own id, given here, is the only way to collide with it).
+    foreign = {"resourceType": "Patient", "id": "cdsh-test-foreign-run1", "gender": "female"}
     fhir_server.put(foreign)
     try:
         builder = PatientBuilder("cdsh-test-foreign", now)
         report, _ = run(
-            options(service_url, fhir_server),
+            options(service_url, fhir_server, run_id="run1"),
             [HarnessScenario("foreign", "", {MSC: "eligible"}, builder.transaction(), "test")],
         )
         assert report.exit_code == 2 and "refusing to overwrite" in report.error
-        stored = fhir_server.get("Patient/cdsh-test-foreign")
+        stored = fhir_server.get("Patient/cdsh-test-foreign-run1")
         assert stored["gender"] == "female" and "tag" not in stored.get("meta", {})
     finally:
-        fhir_server.delete_patient_everything("cdsh-test-foreign")
+        fhir_server.delete_patient_everything("cdsh-test-foreign-run1")
 
 
 @pytest.mark.fhir
@@ -448,12 +461,82 @@ def test_keep_leaves_tagged_data_and_a_rerun_reuses_it(fhir_server: FhirTestServ
     scenarios = msc_scenarios(datetime.now(UTC).replace(microsecond=0))[:1]
     report, output = run(options(service_url, fhir_server, mode="prefetch", keep=True), scenarios)
     assert report.exit_code == 0, output
-    patient = fhir_server.get(f"Patient/{scenarios[0].patient_id}")
+    assert f"--run-id {report.run_id}" in output
+    patient = fhir_server.get(f"Patient/{scenarios[0].patient_id}-{report.run_id}")
     assert HARNESS_TAG["code"] in [t["code"] for t in patient["meta"]["tag"]]
     assert "HTEST" in [s["code"] for s in patient["meta"]["security"]]
-    report, output = run(options(service_url, fhir_server, mode="fetch"), scenarios)  # overwrites, cleans
-    assert report.exit_code == 0, output
-    assert_cleaned(fhir_server, scenarios)
+    kept = report.run_id
+    report, output = run(options(service_url, fhir_server, mode="fetch", run_id=kept), scenarios)
+    assert report.exit_code == 0, output  # the same ids: overwritten, then cleaned
+    assert_cleaned(fhir_server, scenarios, kept)
+
+
+# -- a fresh patient id per run: earlier feedback cannot interfere ------------------------------------
+
+
+def test_run_id_renames_every_resource_and_reference() -> None:
+    (scenario, *_) = msc_scenarios(datetime.now(UTC).replace(microsecond=0))
+    renamed = scenario.with_run_id("ab12cd")
+    assert renamed.patient_id == "cdsh-test-msc-eligible-ab12cd"
+    originals = {f"{r['resourceType']}/{r['id']}" for r in scenario.resources()}
+    text = json.dumps(renamed.bundle)
+    for ref in originals:
+        assert f'"{ref}"' not in text, f"{ref} kept its old id somewhere"
+    references = [r["subject"]["reference"] for r in renamed.resources() if "subject" in r]
+    assert references and set(references) == {"Patient/cdsh-test-msc-eligible-ab12cd"}
+    urls = [e["request"]["url"] for e in renamed.bundle["entry"]]
+    assert urls == [f"{r['resourceType']}/{r['id']}" for r in renamed.resources()]
+    assert scenario.patient_id == "cdsh-test-msc-eligible"  # the original is untouched
+    long_id = HarnessScenario(
+        "long", "", {MSC: "eligible"}, PatientBuilder("cdsh-" + "x" * 55, datetime.now(UTC)).transaction()
+    )
+    with pytest.raises(HarnessError, match="64 characters"):
+        long_id.with_run_id("ab12cd")
+
+
+def test_each_run_gets_a_fresh_run_id() -> None:
+    ids = {new_run_id() for _ in range(50)}
+    assert len(ids) == 50 and all(re.fullmatch(r"[a-z0-9]{6}", i) for i in ids)
+    report = HarnessReport(run_id="zz9")
+    assert "harness run zz9:" in report.render()
+
+
+@pytest.mark.fhir
+def test_an_override_stored_for_an_earlier_run_cannot_silence_the_next_one(
+    fhir_server: FhirTestServer, service_url: str
+) -> None:
+    """The deployment silences an overridden card for 24 h per patient and trial. A clinician (or
+    an earlier run) overrides the MSC card of a harness patient; the next run still passes, because
+    its patients are new — while re-using the silenced run's ids fails, which shows the silence."""
+    scenarios = msc_scenarios(datetime.now(UTC).replace(microsecond=0))[:1]  # msc-eligible
+    first, output = run(options(service_url, fhir_server, mode="prefetch", keep=True), scenarios)
+    assert first.exit_code == 0, output
+    patient_id = f"{scenarios[0].patient_id}-{first.run_id}"
+    hook = f"{service_url}/cds-services/septic-shock-trial-screening"
+    call = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "fhirServer": fhir_server.base_url,
+        "context": {"userId": "Practitioner/x", "patientId": patient_id},
+    }
+    (card,) = [c for c in requests.post(hook, json=call, timeout=30).json()["cards"] if MSC in json.dumps(c)]
+    feedback = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "outcomeTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "overrideReason": {"reason": {"code": "declined", "display": "Declined"}},
+            }
+        ]
+    }
+    assert requests.post(f"{hook}/feedback", json=feedback, timeout=30).status_code == 200
+    second, output = run(options(service_url, fhir_server, mode="fetch"), scenarios)
+    assert second.exit_code == 0, output
+    assert second.run_id != first.run_id
+    silenced, output = run(options(service_url, fhir_server, mode="fetch", run_id=first.run_id), scenarios)
+    assert silenced.exit_code == 1 and "got no card" in output, output  # the override silenced it
+    assert_cleaned(fhir_server, scenarios, first.run_id)
 
 
 # -- the checks, without servers -----------------------------------------------------------------------

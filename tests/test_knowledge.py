@@ -35,8 +35,9 @@ from cds_service.knowledge.mappings import (
 from cds_service.patient_data.gather import RawPatientData
 from cds_service.screening import Screener
 from cds_service.tools.scenario_builder import PatientBuilder
+from tests.conftest import SHARED_DIR, needs_infrastructure
 
-CLINICAL_KNOWLEDGE = Path(__file__).resolve().parents[2] / "shared/reference/clinical-knowledge.md"
+CLINICAL_KNOWLEDGE = SHARED_DIR / "reference" / "clinical-knowledge.md"
 KNOWLEDGE_DOC = PROJECT_ROOT / "docs/knowledge.md"
 AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -63,10 +64,11 @@ def _table(text: str, heading: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def reference() -> str:
-    if not CLINICAL_KNOWLEDGE.exists():
-        pytest.skip(
-            f"reference file not found: {CLINICAL_KNOWLEDGE} (the shared/ folder beside the repository)"
-        )
+    needs_infrastructure(
+        "the reference file ../shared/reference/clinical-knowledge.md",
+        CLINICAL_KNOWLEDGE.is_file(),
+        f"put the shared folder beside the checkout ({CLINICAL_KNOWLEDGE})",
+    )
     return CLINICAL_KNOWLEDGE.read_text(encoding="utf-8")
 
 

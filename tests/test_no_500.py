@@ -3,6 +3,11 @@
 Hypothesis generates arbitrary JSON and mutations of a valid request (fields removed, replaced
 by other JSON values, prefetch entries swapped for junk resources). Every answer must be a
 documented status; every error an OperationOutcome.
+
+The valid request names a ``fhirServer`` (allowed, with a token) on a refused loopback port: a
+mutation that drops or breaks a prefetch key sends the service to fetch it, and that path must end
+in a 412, never a 500 (``test_every_dropped_prefetch_key_is_fetched_and_ends_in_412`` shows that
+the path is taken).
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from hypothesis import strategies as st
 from cds_service.app import create_app
 from cds_service.tools.scenario_builder import PatientBuilder
 from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
+from tests.fault_server import refused_url
 
 ALLOWED_STATUSES = {200, 400, 404, 412, 413}
+#: Where the valid request's fhirServer points: allowed, plain http, nothing listening (instant refusal).
+REFUSED_FHIR = refused_url()
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 json_values = st.recursive(
@@ -34,30 +42,30 @@ json_values = st.recursive(
 
 
 def _valid_request() -> dict[str, Any]:
-    at = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+    at = datetime.now(UTC).replace(microsecond=0)  # a request that gets cards now
     builder = PatientBuilder("cdsh-fuzz", at, age=45, gender="female")
     builder.septic_shock_story(onset_hours=4)
     builder.anc(400, hours=2, unit="/uL")
     builder.bp_panel(80, 40, hours=1)
     builder.observation("2106-3", None, "", 3, value_codeable=("http://snomed.info/sct", "260385009"))
-    return hook_body(builder)
+    return hook_body(builder, fhir_server=REFUSED_FHIR, token="fuzz-token")
 
 
 VALID = _valid_request()
 PATHS: list[tuple[Any, ...]] = []
 
 
-def _collect(node: Any, path: tuple[Any, ...]) -> None:
-    PATHS.append(path)
+def _collect(node: Any, path: tuple[Any, ...], into: list[tuple[Any, ...]]) -> None:
+    into.append(path)
     if isinstance(node, dict):
         for key, value in node.items():
-            _collect(value, (*path, key))
+            _collect(value, (*path, key), into)
     elif isinstance(node, list):
         for index, value in enumerate(node[:3]):
-            _collect(value, (*path, index))
+            _collect(value, (*path, index), into)
 
 
-_collect(VALID, ())
+_collect(VALID, (), PATHS)
 PATHS.remove(())
 
 
@@ -76,7 +84,11 @@ def _mutate(document: dict[str, Any], path: tuple[Any, ...], value: Any, delete:
 @pytest.fixture(scope="module")
 def fuzz_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    app = create_app(make_settings(tmp, fhir={"deadline_seconds": 0.5}))
+    app = create_app(
+        make_settings(
+            tmp, fhir={"deadline_seconds": 0.5, "allow_http": True, "allowed_servers": [REFUSED_FHIR]}
+        )
+    )
     app.test_client_class = CardCheckingClient
     return app.test_client()
 
@@ -99,11 +111,24 @@ def test_random_json_to_the_hook(fuzz_client: Any, body: Any) -> None:
 @FUZZ
 @given(path=st.sampled_from(PATHS), value=json_values, delete=st.booleans())
 def test_mutated_hook_requests(fuzz_client: Any, path: tuple[Any, ...], value: Any, delete: bool) -> None:
-    # fhirServer is pointed nowhere reachable so that mutations which drop prefetch keys end in 412.
-    body = _mutate(VALID, path, value, delete)
-    if isinstance(body, dict) and "fhirServer" in body:
-        body["fhirServer"] = "https://fhir.invalid/r4"
-    _check(fuzz_client.post(SERVICE_URL, json=body))
+    _check(fuzz_client.post(SERVICE_URL, json=_mutate(VALID, path, value, delete)))
+
+
+def test_the_valid_request_is_valid_and_its_fhir_server_is_mutated_too(fuzz_client: Any) -> None:
+    """The mutations start from a request the service answers with cards, and reach fhirServer."""
+    response = fuzz_client.post(SERVICE_URL, json=VALID)
+    assert response.status_code == 200 and response.get_json()["cards"]
+    assert {("fhirServer",), ("fhirAuthorization",), ("fhirAuthorization", "access_token")} <= set(PATHS)
+
+
+@pytest.mark.parametrize("key", sorted(VALID["prefetch"]))
+def test_every_dropped_prefetch_key_is_fetched_and_ends_in_412(fuzz_client: Any, key: str) -> None:
+    """A prefetch key left out is fetched from fhirServer: refused there, the answer is a 412 that
+    says the data could not be had (the path the mutations above take)."""
+    response = fuzz_client.post(SERVICE_URL, json=_mutate(VALID, ("prefetch", key), None, delete=True))
+    assert response.status_code == 412, response.get_json()
+    diagnostics = response.get_json()["issue"][0]["diagnostics"]
+    assert "connection" in diagnostics.lower() or "refused" in diagnostics.lower(), diagnostics
 
 
 @FUZZ
@@ -124,10 +149,7 @@ FEEDBACK_VALID = {
     ]
 }
 FEEDBACK_PATHS: list[tuple[Any, ...]] = []
-PATHS_BACKUP = PATHS
-PATHS = FEEDBACK_PATHS
-_collect(FEEDBACK_VALID, ())
-PATHS = PATHS_BACKUP
+_collect(FEEDBACK_VALID, (), FEEDBACK_PATHS)
 FEEDBACK_PATHS.remove(())
 
 

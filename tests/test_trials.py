@@ -17,9 +17,16 @@ from cds_service.patient_data.gather import RawPatientData
 from cds_service.screening import Screener
 from cds_service.tools.scenarios import ECMO, IMICRO, MSC, Scenario, all_scenarios
 from cds_service.tools.trial_docs import render_document, render_trial_table
-from tests.conftest import SERVICE_URL, CardCheckingClient, hook_body, make_settings
+from tests.conftest import (
+    SERVICE_URL,
+    SHARED_DIR,
+    CardCheckingClient,
+    hook_body,
+    make_settings,
+    needs_infrastructure,
+)
 
-SHARED = PROJECT_ROOT.parent / "shared"  # ../shared beside the checkout, as in CI
+SHARED = SHARED_DIR  # ../shared beside the checkout, as in CI
 SEEDS = {
     ECMO: SHARED / "seeds" / "000_67edb00d4b67abb5.txt",
     IMICRO: SHARED / "seeds" / "003_503ac6449248aeab.txt",
@@ -51,10 +58,14 @@ def test_the_three_seed_trials_load_with_registry_facts(screener: Screener) -> N
     assert closers == ["criteria_met_over_12h"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the seed documents (../shared) are not beside this checkout")
 def test_every_criterion_quotes_its_source_verbatim(screener: Screener) -> None:
     """Each `source` is a quotation: every fragment between '…' is in the seed text, or — when it is
     marked 'CK §…:' — in clinical-knowledge.md."""
+    needs_infrastructure(
+        "the seed documents and clinical-knowledge.md in ../shared",
+        all(path.is_file() for path in [*SEEDS.values(), CLINICAL_KNOWLEDGE]),
+        f"put the shared folder beside the checkout ({SHARED})",
+    )
     knowledge_text = _normal(CLINICAL_KNOWLEDGE.read_text(encoding="utf-8"))
     for trial in screener.trials:
         seed = _normal(SEEDS[trial.id].read_text(encoding="utf-8"))

@@ -112,10 +112,14 @@ class FhirTestServer:
 
     # -- lifetime -------------------------------------------------------------------------------
 
-    def start(self, attempts: int = 3) -> None:
-        """Start sekmet and wait until it answers ``/metadata``; a taken port is retried."""
+    def start(self, attempts: int = 3, port: int | None = None) -> None:
+        """Start sekmet and wait until it answers ``/metadata``; a taken free port is retried.
+
+        ``port`` asks for a fixed port (``make demo``): one attempt, no retry on another port."""
+        if port is not None:
+            attempts = 1
         for attempt in range(1, attempts + 1):
-            self.port = free_port()
+            self.port = port if port is not None else free_port()
             self.base_url = f"http://127.0.0.1:{self.port}/fhir"
             data_dir = self.workdir / f"data-{attempt}"
             data_dir.mkdir()

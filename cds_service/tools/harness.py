@@ -3,8 +3,10 @@
 ``cds-service harness --service URL --fhir URL`` does, over HTTP only, what a CDS client does:
 
 1. loads the scenario patients (the shipped ones from :mod:`cds_service.tools.scenarios`, or a directory of a
-   site's own scenario files) into the FHIR server — every id starts with ``cdsh-``, every resource is
-   tagged as harness test data, and an existing patient the harness did not load is never overwritten;
+   site's own scenario files) into the FHIR server — every id starts with ``cdsh-`` and ends with this
+   run's id (fresh per run, so feedback a deployment stored for an earlier run cannot silence a card,
+   and two runs cannot touch each other's patients), every resource is tagged as harness test data,
+   and an existing patient the harness did not load is never overwritten;
 2. reads the service's discovery document, fills each prefetch template against the FHIR server
    (a key that fails is left out), signs the call with a JWT when a key is given, and calls the hook
    with prefetch, without it, or both;
@@ -26,6 +28,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import string
 import sys
 import time
 import uuid
@@ -63,6 +67,10 @@ FHIR_JSON = "application/fhir+json"
 USER_AGENT = "cds-service-harness"
 _TOKEN = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _NCT = re.compile(r"^NCT\d{8}$")
+#: A run id: appended to every resource id the harness loads (``cdsh-msc-eligible-k3x9q2``).
+RUN_ID = re.compile(r"^[a-z0-9]{1,12}$")
+RUN_ID_LENGTH = 6
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 class HarnessError(Exception):
@@ -138,6 +146,56 @@ class HarnessScenario:
                     f"{where}: {resource['resourceType']}/{rid}: ids must start with {ID_PREFIX!r} so that "
                     "they cannot collide with real patients (or pass --allow-any-ids)"
                 )
+
+    def with_run_id(self, run_id: str) -> HarnessScenario:
+        """The same scenario with ``-<run_id>`` after every resource id, references rewritten to match.
+
+        A deployment keys override silencing and the screening log by patient id: a fresh id per run
+        means feedback stored for an earlier run (or by a clinician trying the demo) cannot silence
+        this run's cards, and concurrent runs against one FHIR server never share a resource."""
+        resources = self.resources()
+        renamed = {
+            f"{r['resourceType']}/{r['id']}": f"{r['resourceType']}/{r['id']}-{run_id}"
+            for r in resources
+            if isinstance(r.get("resourceType"), str) and isinstance(r.get("id"), str)
+        }
+
+        def rewrite(node: Any) -> Any:
+            if isinstance(node, list):
+                return [rewrite(item) for item in node]
+            if not isinstance(node, dict):
+                return node
+            return {
+                key: renamed.get(value, value)
+                if key == "reference" and isinstance(value, str)
+                else rewrite(value)
+                for key, value in node.items()
+            }
+
+        entries = []
+        for resource in resources:
+            copied = rewrite(resource)
+            ref = renamed.get(f"{resource.get('resourceType')}/{resource.get('id')}")
+            if ref is not None:
+                copied["id"] = ref.split("/", 1)[1]
+                if not _FHIR_ID.match(copied["id"]):
+                    raise HarnessError(
+                        f"scenario {self.name!r} ({self.source}): {ref}: with the run id the id is longer "
+                        "than FHIR's 64 characters; shorten it"
+                    )
+            entries.append(
+                {"fullUrl": ref, "resource": copied, "request": {"method": "PUT", "url": ref}}
+                if ref
+                else {"resource": copied}
+            )
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        return HarnessScenario(self.name, self.story, dict(self.expected), bundle, self.source)
+
+
+def new_run_id() -> str:
+    """Six random lowercase letters and digits (36⁶ ≈ 2 billion: runs do not collide)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(RUN_ID_LENGTH))
 
 
 def shipped_scenarios(now: datetime) -> list[HarnessScenario]:
@@ -571,6 +629,7 @@ class HarnessReport:
     notes: list[str] = field(default_factory=list)
     cleanup_failed: list[str] = field(default_factory=list)
     error: str = ""  # set when the harness could not run at all
+    run_id: str = ""  # appended to every resource id loaded (see HarnessScenario.with_run_id)
 
     @property
     def failures(self) -> list[CaseResult]:
@@ -632,6 +691,8 @@ class HarnessReport:
         if self.error:
             parts.append(f"harness error: {self.error}")
         summary = f"harness: {self.checked} checks, {len(self.failures)} failed"
+        if self.run_id:
+            summary = f"harness run {self.run_id}: " + summary.removeprefix("harness: ")
         if self.failing_scenarios:
             summary += " — failing scenarios: " + ", ".join(self.failing_scenarios)
         elif not self.error and self.checked:
@@ -703,6 +764,7 @@ class HarnessOptions:
     keep: bool = False
     allow_any_ids: bool = False
     ca_bundle: str | None = None
+    run_id: str | None = None  # None: a fresh one (new_run_id)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -1007,6 +1069,10 @@ def run_harness(
             raise HarnessError("two scenarios use the same patient id")
         for scenario in chosen:
             scenario.validate(options.allow_any_ids)
+        report.run_id = options.run_id or new_run_id()
+        if not RUN_ID.match(report.run_id):
+            raise HarnessError(f"--run-id {report.run_id!r}: 1 to 12 lowercase letters and digits")
+        chosen = [scenario.with_run_id(report.run_id) for scenario in chosen]
         loader = FhirLoader(
             harness.fhir, harness.fhir_session, options.timeout, options.token, options.allow_any_ids
         )
@@ -1018,7 +1084,10 @@ def run_harness(
     finally:
         if loader is not None:
             if options.keep:
-                report.notes.append(f"--keep: {len(loader.loaded)} resources left on {loader.base}")
+                report.notes.append(
+                    f"--keep: {len(loader.loaded)} resources left on {loader.base}, every id ending in "
+                    f"-{report.run_id} (`--run-id {report.run_id}` reloads them)"
+                )
             else:
                 report.cleanup_failed = loader.cleanup()
         if harness is not None:
@@ -1064,6 +1133,7 @@ def cmd_harness(args: argparse.Namespace) -> int:
         keep=args.keep,
         allow_any_ids=args.allow_any_ids,
         ca_bundle=args.ca_bundle,
+        run_id=args.run_id,
     )
     report = run_harness(options)
     if report.error:
@@ -1108,6 +1178,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--user-id", default="Practitioner/cdsh-harness-user", help="context.userId")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
     parser.add_argument("--keep", action="store_true", help="leave the scenario patients on the FHIR server")
+    parser.add_argument(
+        "--run-id",
+        help="the suffix of every loaded id (default: a fresh random one per run); reuse a --keep run's "
+        "to reload its patients",
+    )
     parser.add_argument(
         "--allow-any-ids", action="store_true", help=f"load resource ids that do not start with {ID_PREFIX!r}"
     )

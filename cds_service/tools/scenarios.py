@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import time
 import uuid
@@ -954,19 +955,47 @@ def write_examples(folder: Path = EXAMPLES_DIR, at: datetime = EXAMPLES_AT) -> l
 # -- command line ---------------------------------------------------------------------------------
 
 
-def _at(text: str | None) -> datetime:
-    if text is None:
-        return datetime.now(UTC).replace(microsecond=0)
-    moment = datetime.fromisoformat(text)
+def parse_at(text: str) -> datetime:
+    """argparse type for ``--at``: an ISO 8601 time with an offset, in UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-11-21T12:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"--at needs a time-zone offset (e.g. {text}Z): {text!r}")
+        raise argparse.ArgumentTypeError(f"a time-zone offset is needed (e.g. {text}Z): {text!r}")
     return moment.astimezone(UTC)
 
 
+def _at(moment: datetime | None) -> datetime:
+    return moment if moment is not None else datetime.now(UTC).replace(microsecond=0)
+
+
+def scenario_paths(path: str | Path) -> list[Path]:
+    """A scenario file, or the ``*.json`` files of a folder; InputError when there are none."""
+    from ..base.commandline import InputError
+
+    target = Path(path)
+    if target.is_dir():
+        paths = sorted(p for p in target.glob("*.json") if p.is_file())
+        if not paths:
+            raise InputError(f"{target}: no *.json scenario files in this folder")
+        return paths
+    if not target.exists():
+        raise InputError(f"{target}: no such file or folder")
+    return [target]
+
+
 def _bundles(args: argparse.Namespace, at: datetime) -> list[tuple[str, dict[str, Any]]]:
+    from ..base.commandline import InputError
+
     if args.files:
-        paths = sorted(Path(args.files).glob("*.json"))
-        return [(s.name, s.shifted_to(at).bundle) for s in (load_scenario_file(p) for p in paths)]
+        try:
+            loaded = [load_scenario_file(p) for p in scenario_paths(args.files)]
+        except ScenarioFileError as exc:
+            raise InputError(str(exc)) from None
+        return [(s.name, s.shifted_to(at).bundle) for s in loaded]
     return [(s.name, s.bundle()) for s in all_scenarios(at)]
 
 
@@ -1044,19 +1073,15 @@ def check_files(paths: list[Path], screener: Any, out: Any = None) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..base.commandline import InputError
     from ..base.config import load_settings
     from ..screening import Screener
 
-    target = Path(args.path)
-    paths = sorted(target.glob("*.json")) if target.is_dir() else [target]
-    if not paths:
-        print(f"cds-service scenarios check: no *.json scenario files in {target}", file=sys.stderr)
-        return 2
+    paths = scenario_paths(args.path)
     try:
         mismatches = check_files(paths, Screener(load_settings(args.config)))
     except ScenarioFileError as exc:
-        print(f"cds-service scenarios check: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(str(exc)) from None
     print(f"{len(paths)} scenario file(s), {mismatches} mismatch(es)")
     return 1 if mismatches else 0
 
@@ -1075,8 +1100,13 @@ def _wait_for(session: Any, base: str, seconds: float) -> bool:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from ..base.commandline import InputError
+
     at = _at(args.at)
     base = args.fhir.rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", base):
+        raise InputError(f"--fhir {args.fhir!r}: expected an http(s) URL, e.g. http://127.0.0.1:8090/fhir")
+    bundles = _bundles(args, at)
     session = requests.Session()
     session.headers.update({"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
     if args.bearer:
@@ -1088,9 +1118,11 @@ def cmd_load(args: argparse.Namespace) -> int:
         )
         return 2
     failures = 0
-    bundles = _bundles(args, at)
     for name, bundle in bundles:
-        response = session.post(base, data=orjson.dumps(bundle), timeout=60)
+        try:
+            response = session.post(base, data=orjson.dumps(bundle), timeout=60)
+        except requests.RequestException as exc:
+            raise InputError(f"{base}: loading {name} failed: {type(exc).__name__}") from None
         if not response.ok:
             failures += 1
             print(f"{name}: HTTP {response.status_code}: {response.text[:300]}", file=sys.stderr)
@@ -1099,18 +1131,25 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``cds-service scenarios write|load``."""
+    """Add ``cds-service scenarios write|load|check``."""
     parser = subparsers.add_parser(
-        "scenarios", help="write scenario patient files, or load them into a FHIR server"
+        "scenarios", help="write scenario patient files, load them into a FHIR server, or check them"
     )
-    sub = parser.add_subparsers(dest="scenarios_command", required=True)
+    _add_commands(parser.add_subparsers(dest="scenarios_command", required=True, metavar="COMMAND"))
+
+
+def _add_commands(sub: Any) -> None:
     write = sub.add_parser("write", help="write every scenario as a JSON file plus an index README.md")
     write.add_argument("dir", help="folder to write into (e.g. examples/scenarios)")
-    write.add_argument("--at", default=None, help="evaluation time, ISO 8601 with offset (default: now)")
+    write.add_argument(
+        "--at", type=parse_at, default=None, help="evaluation time, ISO 8601 with offset (default: now)"
+    )
     write.set_defaults(func=cmd_write)
     load = sub.add_parser("load", help="PUT every scenario patient into a FHIR server (transaction Bundles)")
     load.add_argument("--fhir", required=True, help="FHIR base URL, e.g. http://localhost:8090/fhir")
-    load.add_argument("--at", default=None, help="evaluation time the stories are built for (default: now)")
+    load.add_argument(
+        "--at", type=parse_at, default=None, help="evaluation time the stories are built for (default: now)"
+    )
     load.add_argument(
         "--files",
         default=None,
@@ -1129,6 +1168,37 @@ def register(subparsers: Any) -> None:
     check.set_defaults(func=cmd_check)
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cds_service.tools.scenarios COMMAND``: nothing is written without a command."""
+    from ..base.commandline import CommandParser
+
+    parser = CommandParser(
+        prog="python -m cds_service.tools.scenarios",
+        description="The scenario patients. `examples` regenerates the files under examples/ "
+        f"(evaluated at {iso(EXAMPLES_AT)}); the other commands are those of `cds-service scenarios`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    examples = sub.add_parser(
+        "examples",
+        help=f"regenerate examples/ (scenario files, hook request, patient Bundle) at {iso(EXAMPLES_AT)}",
+    )
+    examples.set_defaults(func=lambda _args: _write_examples_command())
+    _add_commands(sub)
+    args = parser.parse_args(argv)
+    from ..base.commandline import InputError
+
+    try:
+        return int(args.func(args))
+    except (InputError, OSError) as exc:
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _write_examples_command() -> int:
     paths = write_examples()
     print(f"regenerated {len(paths)} files under {EXAMPLES_DIR} (evaluatedAt {iso(EXAMPLES_AT)})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
