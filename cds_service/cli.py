@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, InputError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
         return EXIT_BAD_INPUT
     except OSError as exc:  # e.g. a folder that cannot be written
         where = f"{exc.filename}: " if exc.filename else ""

@@ -122,7 +122,13 @@ def pip_install_arguments(command: str) -> list[str]:
             for arg in words[index + 2 :]:
                 if arg in ("&&", ";", "||"):
                     break
-                if arg in ("--quiet", "-q", "--no-cache-dir", "--disable-pip-version-check", "$(PIP_DOWNLOAD)"):
+                if arg in (
+                    "--quiet",
+                    "-q",
+                    "--no-cache-dir",
+                    "--disable-pip-version-check",
+                    "$(PIP_DOWNLOAD)",
+                ):
                     continue
                 args.append(arg)
             return args
@@ -171,7 +177,8 @@ def compose() -> dict[str, Any]:
 
 def test_compose_has_hapi_loader_and_service(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"hapi", "loader", "cds-service"}
+    assert set(services) == {"hapi", "loader", "cds-service", "harness"}
+    assert services["harness"]["profiles"] == ["harness"], "`up` must not start the harness"
     hapi = services["hapi"]
     assert re.fullmatch(r"hapiproject/hapi:v\d+\.\d+\.\d+", hapi["image"]), "pin the HAPI FHIR version"
     assert environment(hapi)["hapi.fhir.fhir_version"] == "R4"
@@ -422,6 +429,105 @@ def test_probe_waits_then_runs_the_command(health_server: tuple[str, _Health]) -
         "--wait", "0.3", "--interval", "0.1", f"{base}/x", "--", sys.executable, "-c", "print(1)"
     )
     assert gave_up.returncode == 1 and gave_up.stdout == ""
+
+
+# -- the harness against the compose demo --------------------------------------------------------
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """The commands of the fenced sh/bash blocks of a Markdown text (continuation lines joined)."""
+    commands: list[str] = []
+    for block in re.findall(r"^```(?:sh|bash|shell)\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL):
+        pending = ""
+        for line in block.splitlines():
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            command = (pending + line).strip()
+            pending = ""
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def harness_invocation(command: str) -> tuple[list[str], dict[str, Any] | None, dict[str, Any] | None]:
+    """The `cds-service harness` arguments a documented command runs, with the compose document and
+    service it runs in (None, None when it runs on the host)."""
+    words = shlex.split(command.split(" #")[0])
+    if words[:2] == ["docker", "compose"]:
+        files = [words[i + 1] for i, word in enumerate(words) if word == "-f"]
+        assert files, f"name the compose file: {command}"
+        document: dict[str, Any] = {"services": {}}
+        for file in files:  # later files override earlier ones, service by service (enough here)
+            for name, service in load_compose(ROOT / file)["services"].items():
+                document["services"].setdefault(name, {}).update(service)
+        run = words.index("run")
+        options_and_service = [w for w in words[run + 1 :] if not w.startswith("-")]
+        name, extra = options_and_service[0], options_and_service[1:]
+        service = document["services"][name]
+        harness_command = extra or service["command"]
+        assert harness_command[:2] == ["cds-service", "harness"], f"{command}: not the harness"
+        return harness_command[2:], document, service
+    assert words[:2] == ["cds-service", "harness"] or words[-2:] == ["make", "harness"], command
+    return words[2:], None, None
+
+
+def _option(arguments: list[str], name: str) -> str:
+    assert name in arguments, f"{name} missing in {arguments}"
+    return arguments[arguments.index(name) + 1]
+
+
+def compose_service_settings(document: dict[str, Any]) -> Any:
+    """The settings the cds-service container starts with: its mounted file, then its environment."""
+    service = document["services"]["cds-service"]
+    env = {**dockerfile_env(), **environment(service)}
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes") or []}
+    config_file = COMPOSE.parent / mounts[env["CDS_CONFIG"]] if "CDS_CONFIG" in env else None
+    return load_settings(config_file, environ={k: v for k, v in env.items() if k != "CDS_CONFIG"})
+
+
+def test_the_documented_compose_harness_command_fits_the_compose_configuration() -> None:
+    """docs/deploy.md's harness command, run as documented: the fhirServer it sends is a server the
+    service container is allowed to read, and the service URL is the service on the compose network."""
+    text = DEPLOY_DOC.read_text(encoding="utf-8")
+    commands = [c for c in shell_commands(text) if re.search(r"(cds-service harness|run --rm harness)", c)]
+    assert commands, "docs/deploy.md shows no harness command for the compose demo"
+    for command in commands:
+        arguments, document, service = harness_invocation(command)
+        assert document is not None and service is not None, (
+            f"{command}: a harness on the host sends a fhirServer the service container cannot reach"
+        )
+        args = build_parser().parse_args(["harness", *arguments])
+        assert args.func.__name__ == "cmd_harness"
+        settings = compose_service_settings(document)
+        fhir = settings.section("fhir")
+        assert args.fhir.rstrip("/") in [s.rstrip("/") for s in fhir["allowed_servers"]], (
+            f"{command}: the service allows {fhir['allowed_servers']}, the harness sends {args.fhir}"
+        )
+        assert not args.fhir.startswith("http://") or fhir["allow_http"]
+        # The FHIR server and the service are reached by their compose names and container ports.
+        fhir_host, fhir_port = re.match(r"http://([^:/]+):(\d+)/", args.fhir).groups()  # type: ignore[union-attr]
+        assert fhir_host in document["services"] and int(fhir_port) in [
+            p[2] for p in ports(document["services"][fhir_host])
+        ]
+        service_host, service_port = re.match(r"http://([^:/]+):(\d+)$", args.service).groups()  # type: ignore[union-attr]
+        assert service_host == "cds-service"
+        assert int(service_port) == int(settings.section("server")["port"])
+        entrypoint = service["entrypoint"]  # waits for the service before running the harness
+        assert entrypoint[-2:] == [f"{args.service}/health", "--"] and "--wait" in entrypoint
+        # The loader fills the same FHIR server the harness loads into.
+        assert document["services"]["loader"]["command"][-1] == args.fhir
+
+
+def test_readme_and_deploy_guide_give_the_same_compose_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    deploy = DEPLOY_DOC.read_text(encoding="utf-8")
+    commands = re.findall(r"`(docker compose [^`]+)`", readme)
+    assert commands, "the README names no compose command"
+    for command in commands:
+        assert command in deploy, f"README's `{command}` is not the one docs/deploy.md gives"
+        files = [w for i, w in enumerate(command.split()) if command.split()[i - 1] == "-f"]
+        assert files and all((ROOT / f).is_file() for f in files), command
 
 
 # -- docs ------------------------------------------------------------------------------------------

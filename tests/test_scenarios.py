@@ -307,14 +307,14 @@ def test_cli_scenarios_load_puts_every_patient(fhir_server: Any, capsys: pytest.
 
 
 def test_shipped_examples_are_current(tmp_path: Path) -> None:
-    """examples/ is exactly what `python -m cds_service.tools.scenarios` generates (it cannot drift)."""
+    """examples/ is exactly what `python -m cds_service.tools.scenarios examples` writes (it cannot drift)."""
     write_examples(tmp_path, EXAMPLES_AT)
     generated = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
     for relative in generated:
         shipped = EXAMPLES_DIR / relative
-        assert shipped.is_file(), f"{shipped} missing: run `python -m cds_service.tools.scenarios`"
+        assert shipped.is_file(), f"{shipped} missing: run `python -m cds_service.tools.scenarios examples`"
         assert shipped.read_bytes() == (tmp_path / relative).read_bytes(), (
-            f"{shipped} is stale: run `python -m cds_service.tools.scenarios`"
+            f"{shipped} is stale: run `python -m cds_service.tools.scenarios examples`"
         )
     assert "2026-11-21T12:00:00Z" in (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
 

@@ -266,8 +266,13 @@ def load_settings(
         file_path = Path(path)
         try:
             loaded = yaml.safe_load(file_path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{file_path}: cannot read configuration: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{file_path}: cannot read configuration: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{file_path}: not valid YAML{where}: {problem}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file_path}: the configuration must be a mapping of sections")
         raw = _merge(raw, loaded)

@@ -156,7 +156,8 @@ class Demo:
         self.card_summaries: list[str] = []
 
     # -- start ------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def preflight(self) -> None:
+        """What can be checked before anything starts: free ports, sekmet installed."""
         for name, port in (("service", self.addresses.port), ("FHIR server", self.addresses.fhir_port)):
             if port_taken(port):
                 raise DemoError(
@@ -168,6 +169,8 @@ class Demo:
                 f"the FHIR server (sekmet) is not installed at {self.sekmet}: run `make demo`, which "
                 "installs it into .fhir-venv"
             )
+
+    def start(self) -> None:
         self._start_fhir()
         self._load_scenarios()
         self._start_service()
@@ -332,6 +335,7 @@ def run_demo(addresses: DemoAddresses, sekmet: Path, workers: int = 2) -> int:
     previous = signal.signal(signal.SIGTERM, _stop_on_signal)
     started = time.monotonic()
     try:
+        demo.preflight()
         print(
             f"cds-service demo: starting the FHIR server on {addresses.fhir}, loading the scenario "
             f"patients, starting the service on {addresses.service} …",

@@ -21,7 +21,8 @@ Scenario file format (documented in docs/trials.md, "Scenario files")::
 
 ``expectedCriteria`` is optional, and only for trials expected to give a card.
 
-``python -m cds_service.tools.scenarios`` regenerates ``examples/`` at the fixed time ``EXAMPLES_AT``.
+``python -m cds_service.tools.scenarios examples`` regenerates ``examples/`` at the fixed time ``EXAMPLES_AT``
+(``--help`` lists the other commands; without a command nothing is written).
 """
 
 from __future__ import annotations
