@@ -24,7 +24,7 @@ from cds_service.screening import Screener
 from cds_service.tools.card_rules import response_problems, screening_extension_problems
 from cds_service.tools.scenario_builder import PatientBuilder
 from tests.fhir_server import *  # noqa: F403
-from tests.infrastructure import SHARED_DIR, in_ci, needs_infrastructure
+from tests.infrastructure import SHARED_DIR, SKIPS, in_ci, needs_infrastructure
 from tests.pg_server import *  # noqa: F403
 
 __all__ = ["SHARED_DIR", "in_ci", "needs_infrastructure"]  # the skip policy, for every test module
@@ -140,10 +140,6 @@ def hook_body(
 
 
 # -- skips: counted, and failures in CI ----------------------------------------------------------------
-
-#: Every skip of this run: "test id: reason".
-SKIPS: list[str] = []
-
 
 def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     longrepr = report.longrepr

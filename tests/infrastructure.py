@@ -24,6 +24,9 @@ from cds_service.base.config import PROJECT_ROOT
 
 #: ``../shared`` beside the checkout: the seed documents, reference files and vendored tools.
 SHARED_DIR = PROJECT_ROOT.parent / "shared"
+#: Every skip of this run, "test id: reason", including those turned into failures in CI (the
+#: last line of the run counts them: tests/conftest.py).
+SKIPS: list[str] = []
 
 
 def in_ci() -> bool:
@@ -42,6 +45,8 @@ def needs_infrastructure(what: str, available: bool, how_to_get_it: str) -> None
         return
     message = f"needs {what}: {how_to_get_it}"
     if in_ci():
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+        SKIPS.append(f"{test}: {message}")
         pytest.fail(f"{message} — missing in CI, where tests may not skip", pytrace=False)
     pytest.skip(message)
 

@@ -128,7 +128,10 @@ def demo_settings(addresses: DemoAddresses, workdir: Path, workers: int) -> str:
 
 
 def port_taken(port: int) -> bool:
+    """Whether a server listens on the port (SO_REUSEADDR, as the servers set it: connections of an
+    earlier demo in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:

@@ -908,7 +908,7 @@ def scenario_index(scenarios: list[Scenario], at: datetime) -> str:
         "and the result each trial must give at that time. Check them all — each is evaluated at its own\n"
         "`evaluatedAt`, since the enrollment windows are relative to septic-shock onset — with\n\n"
         "```\n"
-        "cds-service scenarios check examples/scenarios\n"
+        ".venv/bin/cds-service scenarios check examples/scenarios\n"
         "```\n\n"
         "To see one patient's cards, run `cds-service evaluate --at <evaluatedAt> --explain` on the\n"
         'file\'s `bundle`. The format is described in docs/trials.md, section "Scenario files".\n\n'
