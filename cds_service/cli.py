@@ -234,6 +234,7 @@ def cmd_screening_log(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     trials = set(args.trial or [])
+    known: set[str] = set()
     if trials:
         # Known: every trial file of the data folder (screened now or not).
         from .knowledge.mappings import load_knowledge
@@ -242,13 +243,16 @@ def cmd_screening_log(args: argparse.Namespace) -> int:
         known = {t.id for t in load_trials(settings.data_dir, load_knowledge(settings.data_dir))}
     store = open_store(settings.section("store")["url"])
     try:
-        rows = store.screening_log(since=args.since)
-        unknown = sorted(trials - known - {r.trial_id for r in rows}) if trials else []
+        # A trial no longer in trials/ may still be in the log: unknown only when in neither.
+        unknown = sorted(t for t in trials - known if not store.screening_log(trial_id=t))
         if unknown:
             raise InputError(
                 f"--trial {', '.join(unknown)}: no such trial in {settings.data_dir / 'trials'} "
                 f"nor in the screening log (known: {', '.join(sorted(known))})"
             )
+        rows = store.screening_log(
+            since=args.since, trial_id=next(iter(trials)) if len(trials) == 1 else None
+        )
         count = export_screening_csv([r for r in rows if not trials or r.trial_id in trials], sys.stdout)
     finally:
         store.close()

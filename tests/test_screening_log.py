@@ -142,8 +142,14 @@ def test_since_and_trial_filters(
     ]
     both = export(monkeypatch, capsys, url, "--since", since, "--trial", MSC, "--trial", "NCT03788837")[1]
     assert [r["card_uuid"] for r in both] == ["card-2", "card-3"]
-    header, rows, _ = export(monkeypatch, capsys, url, "--trial", "NCT00000000")
-    assert header == list(CSV_COLUMNS) and rows == []
+    recent = (now - timedelta(minutes=30)).isoformat()
+    header, rows, _ = export(monkeypatch, capsys, url, "--since", recent, "--trial", "NCT05184296")
+    assert header == list(CSV_COLUMNS) and rows == []  # a known trial with no rows: the header only
+    # A trial that is neither a trial file nor in the log is a mistake, not an empty log.
+    monkeypatch.setenv("CDS_STORE_URL", url)
+    assert main(["screening-log", "--trial", "NCT00000000"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "NCT00000000: no such trial" in err
 
 
 def test_since_needs_a_time_zone(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
