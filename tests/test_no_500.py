@@ -121,6 +121,19 @@ def test_the_valid_request_is_valid_and_its_fhir_server_is_mutated_too(fuzz_clie
     assert {("fhirServer",), ("fhirAuthorization",), ("fhirAuthorization", "access_token")} <= set(PATHS)
 
 
+@pytest.mark.parametrize("bad_id", [[], 12, "not an id!", None, "x" * 65])
+def test_resources_whose_id_is_not_a_fhir_id_still_give_valid_cards(fuzz_client: Any, bad_id: Any) -> None:
+    """Found by the mutations: ``"id": []`` in a prefetched Observation made the card's
+    extension.screening name ``Observation/[]`` as its evidence (the client checks the contract)."""
+    body = copy.deepcopy(VALID)
+    for bundle in body["prefetch"].values():
+        for entry in bundle.get("entry") or [] if isinstance(bundle, dict) else []:
+            if entry["resource"].get("resourceType") != "Patient":
+                entry["resource"]["id"] = bad_id
+    response = fuzz_client.post(SERVICE_URL, json=body)
+    assert response.status_code == 200 and response.get_json()["cards"]
+
+
 @pytest.mark.parametrize("key", sorted(VALID["prefetch"]))
 def test_every_dropped_prefetch_key_is_fetched_and_ends_in_412(fuzz_client: Any, key: str) -> None:
     """A prefetch key left out is fetched from fhirServer: refused there, the answer is a 412 that

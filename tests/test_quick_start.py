@@ -262,11 +262,12 @@ def test_every_quick_start_command_works_as_written(quick_start: QuickStart) -> 
         elif " evaluate " in f" {bare} ":
             assert json.loads(output)["cards"], f"{command}: no card"
         elif bare == "make harness":
-            assert re.search(r"harness run \w+: 240 checks, 0 failed — all passed", output), output[-2000:]
+            passed = re.search(r"harness run \w+: [1-9]\d* checks, 0 failed — all passed", output)
+            assert passed, output[-2000:]
         elif "scenarios check" in bare:
-            assert re.search(r"\b40 scenario file\(s\), 0 mismatch", output), output[-500:]
+            assert re.search(r"\b[1-9]\d* scenario file\(s\), 0 mismatch", output), output[-500:]
         elif "scenarios load" in bare:
-            assert "loaded 40 of 40 scenario patients" in output, output
+            assert re.search(r"loaded (\d+) of \1 scenario patients", output), output
     ran = [c for c, _ in quick_start.results]
     assert any("make harness" in c for c in ran) and any("evaluate" in c for c in ran)
     quick_start.stop()

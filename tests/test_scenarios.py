@@ -4,6 +4,7 @@ plus the scenario files, their time shifting, the CLI and the shipped examples."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections import Counter
@@ -163,6 +164,7 @@ def test_scenario_through_the_hook_with_and_without_prefetch(
 ) -> None:
     app, client = scenario_app, scenario_app.test_client()
     scenario = scenario_now(name)
+    started = datetime.now(UTC).replace(microsecond=0)
     with_prefetch = card_outcome(app, client.post(SERVICE_URL, json=hook_body(scenario.builder)))
     assert_expected(with_prefetch, scenario)
     fhir_server.post_transaction(scenario.bundle())
@@ -173,7 +175,26 @@ def test_scenario_through_the_hook_with_and_without_prefetch(
     finally:
         fhir_server.delete_patient_everything(scenario.patient_id)
     assert_expected(fetched, scenario)
-    assert fetched == with_prefetch  # same statuses, card summaries and machine-readable results
+    # Same statuses, card summaries and machine-readable results. Evidence that runs "until now" is
+    # timed at each call's own evaluation time: the two calls may be a second apart.
+    during = (started, datetime.now(UTC) + timedelta(seconds=1))
+    assert _evaluation_times_as_now(fetched, during) == _evaluation_times_as_now(with_prefetch, during)
+
+
+def _evaluation_times_as_now(node: Any, during: tuple[datetime, datetime]) -> Any:
+    """``node`` with every ``time`` that falls inside the test's own calls replaced by "now"."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "time" and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    if during[0] <= datetime.fromisoformat(value) <= during[1]:
+                        value = "now"
+            out[key] = _evaluation_times_as_now(value, during)
+        return out
+    if isinstance(node, list | tuple):
+        return type(node)(_evaluation_times_as_now(item, during) for item in node)
+    return node
 
 
 # -- scenario files -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ A contract with hospital integration teams, the integration harness and the scen
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..clinical.derived import Evidence
@@ -34,6 +35,9 @@ EXTENSION_KEY = "screening"
 RESULTS = {MET: "met", NOT_MET: "not_met", UNKNOWN: "unknown", CONFIRM: "to_confirm"}
 STATUSES = CARD_STATUSES
 KINDS = ("inclusion", "exclusion")
+#: A FHIR literal reference ``Type/id``: evidence from a resource whose id is not a FHIR id (a chart
+#: can send ``"id": []`` or none) names no resource rather than break the contract.
+_REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
 
 
 def _instant(epoch: float | None) -> str | None:
@@ -45,6 +49,8 @@ def evidence_items(evidence: tuple[Evidence, ...]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for e in evidence:
         for resource in e.resources or (None,):
+            if resource is not None and not _REFERENCE.match(resource):
+                resource = None
             items.append({"text": e.text, "time": _instant(e.time), "resource": resource})
     return items
 
