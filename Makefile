@@ -16,7 +16,7 @@ APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout
 # In CI (CI set, not false/0/no) a missing piece of test infrastructure fails the build, never a skip.
 IN_CI = case "$$CI" in ""|0|false|False|FALSE|no) false;; *) true;; esac
 
-.PHONY: run demo install dev fhir-server-env postgres-bin test lint check bench harness image clean
+.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin test lint check bench harness image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,8 +63,22 @@ postgres-bin:
 	  fi; \
 	fi
 
+# Debian's Chromium for the CDS Hooks sandbox test (tests/test_sandbox_browser.py): Playwright drives
+# /usr/bin/chromium, never a browser of its own (fonts-dejavu-core: the ☐ ≤ ≥ glyphs). Without it
+# that test skips on a developer's machine; in CI the install must succeed.
+CHROMIUM ?= /usr/bin/chromium
+chromium-bin:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "installing Chromium (Debian package)"; \
+	  if ! { $(RETRY) $(APT_GET) update && \
+	         $(RETRY) $(APT_GET) install -y --no-install-recommends chromium fonts-dejavu-core >/dev/null; }; then \
+	    if $(IN_CI); then echo "ERROR: could not install Chromium, which CI needs (the sandbox browser test)" >&2; exit 1; fi; \
+	    echo "WARNING: could not install Chromium; the sandbox browser test will be skipped (in CI it fails)"; \
+	  fi; \
+	fi
+
 # Ends with one line counting skipped tests; in CI any skip fails the run (tests/conftest.py).
-test: dev fhir-server-env postgres-bin
+test: dev fhir-server-env postgres-bin chromium-bin
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -141,6 +141,7 @@ def hook_body(
 
 # -- skips: counted, and failures in CI ----------------------------------------------------------------
 
+
 def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:

@@ -49,4 +49,3 @@ def needs_infrastructure(what: str, available: bool, how_to_get_it: str) -> None
         SKIPS.append(f"{test}: {message}")
         pytest.fail(f"{message} — missing in CI, where tests may not skip", pytrace=False)
     pytest.skip(message)
-

@@ -95,6 +95,9 @@ def test_every_card_of_every_scenario_reads_in_five_seconds(
         # length
         assert len(summary) < SUMMARY_LIMIT and "\n" not in summary, where
         assert len(detail) <= DETAIL_LIMIT, (where, len(detail), detail)
+        # Markdown: the key facts are the only list; no other line starts like a list item.
+        assert not [line for line in detail.splitlines() if re.match(r"^\s*([+*]|\d+\.) ", line)], where
+        assert len([line for line in detail.splitlines() if line.startswith("- ")]) <= 3, where
         for text in texts:
             # the character allow-list (no emoji, whatever the font)
             assert disallowed(text) == [], (where, disallowed(text), text)
@@ -213,7 +216,7 @@ def test_needs_data_shows_the_charted_capillary_refill() -> None:
     screener = Screener(load_settings(environ={}, overrides={"screening": {"timezone": "Europe/Paris"}}))
     (card,) = [c for r, c in screened(screener, SCENARIOS["imicro-refill-normal-mottling-missing"])]
     assert card["extension"]["screening"]["status"] == "possibly_eligible"
-    assert "needs mottling score or capillary refill time" in card["summary"]
+    assert card["summary"].endswith("needs mottling score within the last 6h")  # what is still missing
     # 12:00Z is 13:00 in Paris (CET): the refill charted at 11:00Z reads "today 12:00".
     assert "capillary refill 2 s (not > 3 s), today 12:00" in card["detail"]
     assert "not charted: mottling score within the last 6h" in card["detail"]
@@ -365,7 +368,9 @@ def test_a_crowded_card_still_fits_and_counts_what_it_leaves_out() -> None:
     detail = card["detail"]
     assert len(detail) <= DETAIL_LIMIT, len(detail)
     assert "**Needs data (12):**" in detail and "**To confirm (30):**" in detail
-    assert re.search(r"\+ \d+ more", detail)
+    assert re.search(r"\(\d+ more not shown\.\)", detail) and re.search(r"\(\d+ more not shown\)", detail)
+    # Only the key facts are a Markdown list: no other line may start like a list item.
+    assert not [line for line in detail.splitlines() if re.match(r"^\s*[-+*] ", line)]
     assert card_problems(card) == [] and len(card["summary"]) < SUMMARY_LIMIT
 
 
