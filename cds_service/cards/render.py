@@ -185,7 +185,11 @@ class CheckItem:
 
 def _timed(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:
     """Evidence with a time: values charted in the record (not "sex male" or "none charted")."""
-    return tuple(dict.fromkeys(e for e in evidence if e.time is not None))
+    timed: list[Evidence] = []
+    for e in evidence:
+        if e.time is not None and e not in timed:  # rules joined by all_of may repeat one
+            timed.append(e)
+    return tuple(timed)
 
 
 def key_fact(result: CriterionResult) -> KeyFact:

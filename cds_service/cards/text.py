@@ -1,10 +1,11 @@
 """Card text a clinician reads in five seconds: allowed characters, local times, no internal ids.
 
 - **Characters.** Stock Debian Chromium (and many EHR side panels) has no emoji font: ✅ and ❔ render
-  as empty boxes. Card text is limited to :data:`ALLOWED_RANGES` — Latin and Latin-1 (× ° µ ² live
-  there), general punctuation, superscripts, arrows, ≤ ≥ and ☐. Templates and trial texts are checked
-  against it at start-up (:func:`disallowed`); text that comes from a patient's chart is passed
-  through :func:`clean`, which keeps what it can (``é`` stays, ``μ`` becomes ``µ``) and drops the rest.
+  as empty boxes. Card text is limited to :data:`ALLOWED_RANGES` — Basic Latin and Latin-1 (× ° µ ²
+  live there), general punctuation, superscripts, arrows, ≤ ≥ and ☐. The card files are checked
+  against it at start-up (:func:`disallowed`); every text that reaches a card passes through
+  :func:`clean`, which keeps what it can (``é`` stays, ``ő`` becomes ``o``, ``μ`` becomes ``µ``,
+  ``ł`` becomes ``l``) and drops the rest.
 - **Times.** Clinicians read local wall-clock times relative to now: "today 14:30",
   "tomorrow 02:00", "in 3 h 10 min". :class:`LocalClock` formats them in ``screening.timezone``.
 - **No raw resource ids.** ``Observation/7b3a…`` means nothing at the bedside; :func:`clean` takes
@@ -23,7 +24,6 @@ ALLOWED_RANGES: tuple[tuple[int, int], ...] = (
     (0x0A, 0x0A),  # line feed (Markdown)
     (0x20, 0x7E),  # Basic Latin, printable
     (0xA0, 0xFF),  # Latin-1 Supplement: é ü × ° µ ² ³ ¹ ± …
-    (0x100, 0x17F),  # Latin Extended-A: ł ő š …
     (0x2000, 0x206F),  # General Punctuation: – — ‘ ’ “ ” … • ‰
     (0x2070, 0x209F),  # Superscripts and Subscripts: ⁹ ⁰ ⁻
     (0x2190, 0x21FF),  # Arrows: → ← ↑ ↓
@@ -41,17 +41,29 @@ _REPLACEMENTS = {
     "≈": "about ",
     "\t": " ",
     "\r": "",
+    # Letters outside Latin-1 with no accent to strip (NFKD leaves them whole).
+    "ł": "l",
+    "Ł": "L",
+    "đ": "d",
+    "Đ": "D",
+    "ħ": "h",
+    "ı": "i",
+    "œ": "oe",
+    "Œ": "OE",
 }
 
 
+#: One character outside the allow-list (a compiled class: cards are cleaned on every hook).
+_OUTSIDE = re.compile("[^" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in ALLOWED_RANGES) + "]")
+
+
 def allowed(char: str) -> bool:
-    code = ord(char)
-    return any(low <= code <= high for low, high in ALLOWED_RANGES)
+    return _OUTSIDE.match(char) is None
 
 
 def disallowed(text: str) -> list[str]:
     """The characters of ``text`` outside the allow-list, each once, in order of appearance."""
-    return list(dict.fromkeys(c for c in text if not allowed(c)))
+    return list(dict.fromkeys(_OUTSIDE.findall(text)))
 
 
 #: FHIR resource types whose ``Type/id`` references may turn up in evidence text.
@@ -90,17 +102,15 @@ def clean(text: str, clock: LocalClock | None = None) -> str:
     text = RESOURCE_ID.sub(lambda match: match.group(0).split("/", 1)[0], text)
     if clock is not None:
         text = ISO_INSTANT.sub(lambda match: clock.at_text(match.group(0)), text)
-    out = []
-    for char in text:
-        if allowed(char):
-            out.append(char)
-            continue
-        if char in _REPLACEMENTS:
-            out.append(_REPLACEMENTS[char])
-            continue
-        # Keep the letter of an accented character outside Latin-1 / Extended-A (ǎ → a), drop the rest.
-        out.extend(c for c in unicodedata.normalize("NFKD", char) if allowed(c) and c != " ")
-    return "".join(out)
+    return _OUTSIDE.sub(_replacement, text)
+
+
+def _replacement(match: re.Match[str]) -> str:
+    char = match.group(0)
+    if char in _REPLACEMENTS:
+        return _REPLACEMENTS[char]
+    # Keep the letter of an accented character outside Latin-1 (ǎ → a, ő → o), drop the rest.
+    return "".join(c for c in unicodedata.normalize("NFKD", char) if allowed(c) and c != " ")
 
 
 # -- local times ----------------------------------------------------------------------------------
@@ -119,6 +129,10 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {rest} min"
 
 
+#: English month abbreviations, whatever the process locale (strftime's %b follows it).
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 class LocalClock:
     """Formats instants (epoch seconds) in one time zone, relative to the evaluation time ``now``."""
 
@@ -126,6 +140,7 @@ class LocalClock:
         self.zone = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
         self.now = now
         self._today = self._local(now).date()
+        self._shown: dict[float, str] = {}  # the detail is rendered a few times while it is fitted
 
     def _local(self, epoch: float) -> datetime:
         return datetime.fromtimestamp(epoch, tz=UTC).astimezone(self.zone)
@@ -139,16 +154,22 @@ class LocalClock:
         """'today 14:30', 'yesterday 23:10', 'tomorrow 02:00', else '21 Nov 14:30' (year if not this one)."""
         if epoch is None:
             return "unknown"
+        shown = self._shown.get(epoch)
+        if shown is None:
+            shown = self._shown[epoch] = self._format(epoch)
+        return shown
+
+    def _format(self, epoch: float) -> str:
         moment = self._local(epoch)
         days = (moment.date() - self._today).days
-        clock = moment.strftime("%H:%M")
+        clock = f"{moment.hour:02d}:{moment.minute:02d}"
         if days == 0:
             return f"today {clock}"
         if days == -1:
             return f"yesterday {clock}"
         if days == 1:
             return f"tomorrow {clock}"
-        day = f"{moment.day} {moment.strftime('%b')}"
+        day = f"{moment.day} {_MONTHS[moment.month - 1]}"
         if moment.year != self._today.year:
             day += f" {moment.year}"
         return f"{day} {clock}"
