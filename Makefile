@@ -16,7 +16,7 @@ APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout
 # In CI (CI set, not false/0/no) a missing piece of test infrastructure fails the build, never a skip.
 IN_CI = case "$$CI" in ""|0|false|False|FALSE|no) false;; *) true;; esac
 
-.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin test lint check bench harness image clean
+.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin npm-tools test lint check bench harness image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,22 +63,30 @@ postgres-bin:
 	  fi; \
 	fi
 
-# Debian's Chromium for the CDS Hooks sandbox test (tests/test_sandbox_browser.py): Playwright drives
-# /usr/bin/chromium, never a browser of its own (fonts-dejavu-core: the ☐ ≤ ≥ glyphs). Without it
-# that test skips on a developer's machine; in CI the install must succeed.
+# Debian's Chromium for the browser tests (the CDS Hooks sandbox, the screening worksheet): Playwright
+# drives /usr/bin/chromium, never a browser of its own (fonts-dejavu-core: the ☐ ≤ ≥ glyphs). Without
+# it those tests skip on a developer's machine; in CI the install must succeed.
 CHROMIUM ?= /usr/bin/chromium
 chromium-bin:
 	@if [ ! -x $(CHROMIUM) ]; then \
 	  echo "installing Chromium (Debian package)"; \
 	  if ! { $(RETRY) $(APT_GET) update && \
 	         $(RETRY) $(APT_GET) install -y --no-install-recommends chromium fonts-dejavu-core >/dev/null; }; then \
-	    if $(IN_CI); then echo "ERROR: could not install Chromium, which CI needs (the sandbox browser test)" >&2; exit 1; fi; \
-	    echo "WARNING: could not install Chromium; the sandbox browser test will be skipped (in CI it fails)"; \
+	    if $(IN_CI); then echo "ERROR: could not install Chromium, which CI needs (the browser tests)" >&2; exit 1; fi; \
+	    echo "WARNING: could not install Chromium; the browser tests will be skipped (in CI they fail)"; \
 	  fi; \
 	fi
 
+# npm projects the tests use, installed with `npm ci` (retried) into git-ignored .cache/ folders, once
+# per lockfile: the SMART Health IT launcher, a real SMART authorization server for the screening
+# worksheet's tests (../shared/vendor/README.md), and axe-core for the accessibility check (tests/npm).
+LAUNCHER_SRC := ../shared/vendor/smart-launcher-v2
+npm-tools:
+	@.ci/npm-install $(LAUNCHER_SRC) .cache/smart-launcher
+	@.ci/npm-install tests/npm .cache/test-npm
+
 # Ends with one line counting skipped tests; in CI any skip fails the run (tests/conftest.py).
-test: dev fhir-server-env postgres-bin chromium-bin
+test: dev fhir-server-env postgres-bin chromium-bin npm-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -103,4 +111,4 @@ image:
 	docker build -f docker/Dockerfile -t cds-septic-shock-trials .
 
 clean:
-	rm -rf $(VENV) $(FHIR_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FHIR_VENV) .cache .pytest_cache .ruff_cache .hypothesis

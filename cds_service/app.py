@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .base.config import Settings, load_settings
@@ -30,6 +30,11 @@ def create_app(
     state = ServiceState(settings, screener, metrics)
     app.extensions["cds"] = state
     app.register_blueprint(bp)
+    worksheet_on = bool(settings.section("worksheet")["enabled"])
+    if worksheet_on:
+        from .worksheet import views as worksheet_views
+
+        worksheet_views.init_app(app, state)
 
     @app.get("/metrics")
     def metrics_route() -> Response:
@@ -39,6 +44,8 @@ def create_app(
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 400
+        if worksheet_on and request.path.startswith("/worksheet"):
+            return worksheet_views.http_error_page(exc)  # a person's browser: a page, not JSON
         return outcome_response(status, exc.description or exc.name)
 
     @app.errorhandler(Exception)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .base.config import Settings
 from .base.facts import PatientFacts
-from .cards.render import CardRenderer
+from .cards.render import CardRenderer, WorksheetLink
 from .clinical.derived import ClinicalInputs, derive_inputs, load_derivation_params
 from .clinical.evaluation import TrialResult, evaluate_trial
 from .knowledge.mappings import Knowledge, load_knowledge
@@ -42,12 +42,18 @@ class Screener:
         self.plan: PrefetchPlan = build_prefetch_plan(
             self.knowledge, self.trials, int(settings.section("fhir")["page_size"])
         )
+        worksheet = settings.section("worksheet")
         self.renderer = CardRenderer(
             data_dir,
             settings.section("screening"),
             self.trials,
-            # [worksheet] adds this section; until then the checklist stays in the card.
-            worksheet_enabled=bool(settings.raw.get("worksheet", {}).get("enabled", False)),
+            # With the worksheet on, the card carries the checklist's count and links to the worksheet.
+            worksheet_enabled=bool(worksheet["enabled"]),
+            worksheet_link=(
+                WorksheetLink(f"{settings.worksheet_url}/worksheet/launch", worksheet["link_label"])
+                if worksheet["enabled"]
+                else None
+            ),
         )
 
     def screen(self, patient_id: str, data: RawPatientData, at: float | None = None) -> ScreeningOutcome:

@@ -1,4 +1,5 @@
-"""Persistent state: issued cards (the screening log), card feedback and the JWT ``jti`` replay cache.
+"""Persistent state: issued cards (the screening log), card feedback, the JWT ``jti`` replay cache and
+the screening worksheet's sessions.
 
 ``open_store(url)`` returns a :class:`SqliteStore` (``sqlite:///relative/path`` or
 ``sqlite:////absolute/path``) or a :class:`PostgresStore` (``postgresql://user@host:port/db``). Both
@@ -11,9 +12,13 @@ them in ``schema_migrations``. A store made by release 0.1.0 (no versions yet) i
 How to add a migration: see the comment above ``Dialect`` below.
 
 Feedback carries no patient id, so the issued-card row is what ties a card uuid back to its patient
-and trial. That row *is* the screening log (one row per card) — there is no second copy. Patient ids
-live only here, and only for ``store.retention_days`` (:meth:`Store.purge_if_due`). Nothing secret
-(tokens, JWTs) is ever stored.
+and trial. That row *is* the screening log (one row per card) — there is no second copy. What a user
+records in the screening worksheet is a row of the same table (``source`` = ``worksheet``, with the
+user's ``fhirUser``), and a decision is feedback on that row: the screening log and the silencing
+of cards read both alike. Patient ids live only here, and only for ``store.retention_days``
+(:meth:`Store.purge_if_due`). Nothing secret (tokens, JWTs) is stored in the clear: a worksheet
+session's access token is in its ``sealed`` blob, encrypted by the worksheet before it gets here, and
+deleted with the session.
 
 Concurrency model: one connection per thread, opened lazily and owned by the process that opened it.
 Gunicorn forks workers after the app (and its store) is created, so a process never uses a connection
@@ -55,6 +60,7 @@ __all__ = [
     "ScreeningLogRow",
     "SqliteStore",
     "Store",
+    "WorksheetSessionRow",
     "export_screening_csv",
     "open_store",
 ]
@@ -62,6 +68,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("accepted", "overridden")
+#: Where a screening-log row comes from: a card the hook returned, or a record made in the worksheet.
+SOURCE_HOOK, SOURCE_WORKSHEET = "hook", "worksheet"
+#: A worksheet launch (between the redirect to the EHR's authorization server and the way back) is
+#: forgotten after this many seconds.
+WORKSHEET_LAUNCH_SECONDS = 600.0
 #: The reason code the service stores on accepted feedback that accepted the referral suggestion.
 REFERRAL_REASON = "referral"
 #: A remembered ``jti`` stays a replay for this long after the ``expires_at`` it was stored with.
@@ -94,6 +105,12 @@ class IssuedCard:
     criteria_unmet: list[str] = field(default_factory=list)
     criteria_unknown: list[str] = field(default_factory=list)
     criteria_to_confirm: list[str] = field(default_factory=list)
+    #: ``hook`` (a card the service returned) or ``worksheet`` (what a user recorded in the screening
+    #: worksheet: the trial's status as the worksheet showed it, with who recorded it and the bedside
+    #: checklist items they confirmed).
+    source: str = SOURCE_HOOK
+    recorded_by: str = ""  # the user's fhirUser (worksheet rows)
+    checklist_confirmed: list[str] = field(default_factory=list)  # criterion ids (worksheet rows)
 
 
 #: One screening-log entry per issued card: the same record, the same row.
@@ -146,6 +163,21 @@ class ScreeningLogRow:
     outcome: str | None = None
     reason: str | None = None
     outcome_time: float | None = None
+    source: str = SOURCE_HOOK
+    recorded_by: str = ""
+    checklist_confirmed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WorksheetSessionRow:
+    """A worksheet session as stored: times in the clear, everything else in ``sealed`` (encrypted by
+    the worksheet with its Fernet keys: the store never sees a token or a patient id in the clear)."""
+
+    id_hash: str
+    created_at: float
+    last_seen: float
+    expires_at: float
+    sealed: str
 
 
 def _override_info(
@@ -179,7 +211,7 @@ def _reason_text(code: str | None, display: str | None, comment: str | None) -> 
 def _log_row(row: Sequence[Any]) -> ScreeningLogRow:
     """A row of the ``_SCREENING_LOG`` query as a :class:`ScreeningLogRow`."""
     issued_at, patient, trial, status, unmet, unknown, confirm, card_uuid, outcome, code, display = row[:11]
-    comment, outcome_ts = row[11:13]
+    comment, outcome_ts, source, recorded_by, checklist = row[11:16]
     return ScreeningLogRow(
         time=float(issued_at),
         patient_id=patient,
@@ -192,6 +224,9 @@ def _log_row(row: Sequence[Any]) -> ScreeningLogRow:
         outcome=outcome,
         reason=_reason_text(code, display, comment),
         outcome_time=None if outcome_ts is None else float(outcome_ts),
+        source=source or SOURCE_HOOK,
+        recorded_by=recorded_by or "",
+        checklist_confirmed=_load_list(checklist),
     )
 
 
@@ -206,6 +241,9 @@ def _card_params(card: IssuedCard) -> tuple[Any, ...]:
         _dump_list(card.criteria_unmet),
         _dump_list(card.criteria_unknown),
         _dump_list(card.criteria_to_confirm),
+        card.source,
+        card.recorded_by or None,
+        _dump_list(card.checklist_confirmed) if card.source == SOURCE_WORKSHEET else None,
     )
 
 
@@ -240,13 +278,15 @@ def _load_list(text: str | None) -> list[str]:
 
 _INSERT_CARD = """
 INSERT INTO issued_card (card_uuid, patient_id, trial_id, hook_instance, issued_at, status,
-                         criteria_unmet, criteria_unknown, criteria_to_confirm)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                         criteria_unmet, criteria_unknown, criteria_to_confirm, source, recorded_by,
+                         checklist_confirmed)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (card_uuid) DO NOTHING
 """
 
 _CARD_COLUMNS = """card_uuid, patient_id, trial_id, hook_instance, issued_at, status,
-                   criteria_unmet, criteria_unknown, criteria_to_confirm"""
+                   criteria_unmet, criteria_unknown, criteria_to_confirm, source, recorded_by,
+                   checklist_confirmed"""
 
 _SELECT_CARD = f"SELECT {_CARD_COLUMNS} FROM issued_card WHERE card_uuid = ?"
 
@@ -300,7 +340,7 @@ _PURGE_CARDS = "DELETE FROM issued_card WHERE issued_at < ?"
 _SCREENING_LOG = """
 SELECT c.issued_at, c.patient_id, c.trial_id, c.status, c.criteria_unmet, c.criteria_unknown,
        c.criteria_to_confirm, c.card_uuid, f.outcome, f.reason_code, f.reason_display, f.user_comment,
-       f.outcome_timestamp
+       f.outcome_timestamp, c.source, c.recorded_by, c.checklist_confirmed
 FROM issued_card c
 LEFT JOIN (
     SELECT card_uuid, outcome, reason_code, reason_display, user_comment, outcome_timestamp,
@@ -310,6 +350,31 @@ LEFT JOIN (
 {where}
 ORDER BY c.issued_at, c.card_uuid
 """
+
+# The latest worksheet record for a patient and trial, with its feedback (the decision) if any.
+_LATEST_WORKSHEET_RECORD = """
+SELECT c.issued_at, c.patient_id, c.trial_id, c.status, c.criteria_unmet, c.criteria_unknown,
+       c.criteria_to_confirm, c.card_uuid, f.outcome, f.reason_code, f.reason_display, f.user_comment,
+       f.outcome_timestamp, c.source, c.recorded_by, c.checklist_confirmed
+FROM issued_card c LEFT JOIN card_feedback f ON f.card_uuid = c.card_uuid
+WHERE c.patient_id = ? AND c.trial_id = ? AND c.source = ?
+ORDER BY c.issued_at DESC, f.outcome_timestamp DESC
+LIMIT ?
+"""
+
+_INSERT_WORKSHEET_LAUNCH = "INSERT INTO worksheet_launch (state_hash, created_at, sealed) VALUES (?, ?, ?)"
+_SELECT_WORKSHEET_LAUNCH = "SELECT created_at, sealed FROM worksheet_launch WHERE state_hash = ?"
+_DELETE_WORKSHEET_LAUNCH = "DELETE FROM worksheet_launch WHERE state_hash = ?"
+_PURGE_WORKSHEET_LAUNCHES = "DELETE FROM worksheet_launch WHERE created_at < ?"
+_INSERT_WORKSHEET_SESSION = """
+INSERT INTO worksheet_session (id_hash, created_at, last_seen, expires_at, sealed) VALUES (?, ?, ?, ?, ?)
+"""
+_SELECT_WORKSHEET_SESSION = """
+SELECT id_hash, created_at, last_seen, expires_at, sealed FROM worksheet_session WHERE id_hash = ?
+"""
+_TOUCH_WORKSHEET_SESSION = "UPDATE worksheet_session SET last_seen = ? WHERE id_hash = ?"
+_DELETE_WORKSHEET_SESSION = "DELETE FROM worksheet_session WHERE id_hash = ?"
+_PURGE_WORKSHEET_SESSIONS = "DELETE FROM worksheet_session WHERE last_seen < ? OR expires_at < ?"
 
 
 # ------------------------------------------------------------------------------- schema migrations
@@ -399,9 +464,35 @@ def _v2_retention(d: Dialect) -> list[str]:
     return ["CREATE INDEX card_feedback_received_at ON card_feedback (received_at)"]
 
 
+def _v3_worksheet(d: Dialect) -> list[str]:
+    """The screening worksheet (SMART app): its sessions and pending launches, each an encrypted blob
+    beside the times that expire it; and screening-log rows recorded in the worksheet, with the user
+    (fhirUser) and the bedside checklist items confirmed. The new columns are nullable: rows of
+    earlier releases, and of instances still on the previous release, are hook cards."""
+    return [
+        f"""CREATE TABLE worksheet_session (
+            id_hash TEXT PRIMARY KEY,
+            created_at {d.real} NOT NULL,
+            last_seen {d.real} NOT NULL,
+            expires_at {d.real} NOT NULL,
+            sealed TEXT NOT NULL
+        )""",
+        "CREATE INDEX worksheet_session_last_seen ON worksheet_session (last_seen)",
+        f"""CREATE TABLE worksheet_launch (
+            state_hash TEXT PRIMARY KEY,
+            created_at {d.real} NOT NULL,
+            sealed TEXT NOT NULL
+        )""",
+        "ALTER TABLE issued_card ADD COLUMN source TEXT",
+        "ALTER TABLE issued_card ADD COLUMN recorded_by TEXT",
+        "ALTER TABLE issued_card ADD COLUMN checklist_confirmed TEXT",
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "issued cards, card feedback and the jti replay cache (release 0.1.0)", _v1_initial),
     Migration(2, "index feedback by time received, for retention purges", _v2_retention),
+    Migration(3, "screening worksheet: sessions, launches, records with their user", _v3_worksheet),
 )
 #: The schema version this code writes and expects.
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -645,7 +736,8 @@ class Store(ABC):
         rows = self._read(_SELECT_CARD, (card_uuid,))
         if not rows:
             return None
-        uuid_, patient, trial, hook_instance, issued_at, status, unmet, unknown, confirm = rows[0]
+        uuid_, patient, trial, hook_instance, issued_at, status, unmet, unknown, confirm = rows[0][:9]
+        source, recorded_by, checklist = rows[0][9:12]
         return IssuedCard(
             card_uuid=uuid_,
             patient_id=patient,
@@ -656,6 +748,9 @@ class Store(ABC):
             criteria_unmet=_load_list(unmet),
             criteria_unknown=_load_list(unknown),
             criteria_to_confirm=_load_list(confirm),
+            source=source or SOURCE_HOOK,
+            recorded_by=recorded_by or "",
+            checklist_confirmed=_load_list(checklist),
         )
 
     def screening_log(self, since: float | None = None, trial_id: str | None = None) -> list[ScreeningLogRow]:
@@ -770,6 +865,76 @@ class Store(ABC):
         self._last_retention_purge = now  # a race only runs one more (idempotent) purge
         self.purge_before(now - float(retention_days) * 86400.0)
         return True
+
+    # -- the screening worksheet --------------------------------------------------------------------
+
+    def record_worksheet_entry(self, record: IssuedCard, feedback: Feedback | None = None) -> None:
+        """What a user recorded in the worksheet, in one transaction: its screening-log row (source
+        ``worksheet``, with the user and the checklist items confirmed) and, for a decision, a feedback
+        entry on that row. The feedback is what silences the trial's cards for the patient, exactly as
+        a clinician's feedback on a card does (:meth:`last_override_or_referral`)."""
+        if record.source != SOURCE_WORKSHEET:
+            raise ValueError("a worksheet record has source 'worksheet'")
+        batch: list[tuple[str, Sequence[Any]]] = [(_INSERT_CARD, _card_params(record))]
+        if feedback is not None:
+            if feedback.card_uuid != record.card_uuid or feedback.outcome not in OUTCOMES:
+                raise ValueError("the decision must be feedback on the worksheet record itself")
+            batch.append((_INSERT_FEEDBACK, _feedback_params(feedback)))
+        self._write_all(batch)
+
+    def latest_worksheet_records(
+        self, patient_id: str, trial_id: str, limit: int = 1
+    ) -> list[ScreeningLogRow]:
+        """The latest worksheet records for a patient and trial (newest first), with their decision."""
+        rows = self._read(_LATEST_WORKSHEET_RECORD, (patient_id, trial_id, SOURCE_WORKSHEET, int(limit)))
+        return [_log_row(row) for row in rows]
+
+    def save_worksheet_launch(self, state_hash: str, created_at: float, sealed: str) -> None:
+        """Remember a launch on its way to the authorization server, under the hash of its ``state``."""
+        self._write(_INSERT_WORKSHEET_LAUNCH, (state_hash, float(created_at), sealed))
+
+    def take_worksheet_launch(self, state_hash: str, now: float | None = None) -> tuple[float, str] | None:
+        """The launch stored under ``state_hash``, removed so that it is used once (None when unknown,
+        already used or older than :data:`WORKSHEET_LAUNCH_SECONDS`)."""
+        now = time.time() if now is None else now
+        rows = self._read(_SELECT_WORKSHEET_LAUNCH, (state_hash,))
+        if not rows or self._write(_DELETE_WORKSHEET_LAUNCH, (state_hash,)) == 0:
+            return None  # unknown, or another request took it first
+        created_at, sealed = rows[0]
+        if float(created_at) < now - WORKSHEET_LAUNCH_SECONDS:
+            return None
+        return float(created_at), sealed
+
+    def create_worksheet_session(self, row: WorksheetSessionRow) -> None:
+        self._write(
+            _INSERT_WORKSHEET_SESSION,
+            (row.id_hash, float(row.created_at), float(row.last_seen), float(row.expires_at), row.sealed),
+        )
+
+    def get_worksheet_session(self, id_hash: str) -> WorksheetSessionRow | None:
+        rows = self._read(_SELECT_WORKSHEET_SESSION, (id_hash,))
+        if not rows:
+            return None
+        id_, created_at, last_seen, expires_at, sealed = rows[0]
+        return WorksheetSessionRow(id_, float(created_at), float(last_seen), float(expires_at), sealed)
+
+    def touch_worksheet_session(self, id_hash: str, now: float) -> None:
+        self._write(_TOUCH_WORKSHEET_SESSION, (float(now), id_hash))
+
+    def delete_worksheet_session(self, id_hash: str) -> bool:
+        """End a session: its row, with the encrypted tokens, is deleted. True when it existed."""
+        return self._write(_DELETE_WORKSHEET_SESSION, (id_hash,)) > 0
+
+    def purge_worksheet(self, now: float, idle_seconds: float) -> tuple[int, int]:
+        """Delete sessions idle longer than ``idle_seconds`` or past their absolute end, and launches
+        never completed; returns (sessions, launches) deleted."""
+        sessions, launches = self._write_all(
+            [
+                (_PURGE_WORKSHEET_SESSIONS, (float(now) - float(idle_seconds), float(now))),
+                (_PURGE_WORKSHEET_LAUNCHES, (float(now) - WORKSHEET_LAUNCH_SECONDS,)),
+            ]
+        )
+        return sessions, launches
 
 
 # ------------------------------------------------------------------------------------------- SQLite
@@ -970,6 +1135,9 @@ CSV_COLUMNS = (
     "outcome",
     "reason",
     "outcome_time",
+    "source",
+    "recorded_by",
+    "checklist_confirmed",
 )
 
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -1011,6 +1179,9 @@ def export_screening_csv(rows: Iterable[ScreeningLogRow], stream: IO[str]) -> in
                 row.outcome or "",
                 _free_text(row.reason),
                 _iso(row.outcome_time),
+                row.source,
+                _free_text(row.recorded_by),
+                "; ".join(row.checklist_confirmed),
             )
         )
         count += 1

@@ -26,6 +26,7 @@ from cds_service.tools.scenario_builder import PatientBuilder
 from tests.fhir_server import *  # noqa: F403
 from tests.infrastructure import SHARED_DIR, SKIPS, in_ci, needs_infrastructure
 from tests.pg_server import *  # noqa: F403
+from tests.worksheet_fixtures import *  # noqa: F403
 
 __all__ = ["SHARED_DIR", "in_ci", "needs_infrastructure"]  # the skip policy, for every test module
 

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "service": 5,
     "store": 5,
     "app": 5,
+    "worksheet": 5,
     "tools": 6,
     "cli": 7,
 }

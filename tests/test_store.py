@@ -347,7 +347,8 @@ def test_screening_log_csv_round_trip(store: Store) -> None:
     reader = csv.DictReader(buffer)
     assert tuple(reader.fieldnames or ()) == CSV_COLUMNS == (
         "time", "patient_id", "trial", "status", "criteria_unmet", "criteria_unknown",
-        "criteria_to_confirm", "card_uuid", "outcome", "reason", "outcome_time",
+        "criteria_to_confirm", "card_uuid", "outcome", "reason", "outcome_time", "source", "recorded_by",
+        "checklist_confirmed",
     )  # fmt: skip
     rows = {row["card_uuid"]: row for row in reader}
     assert rows["a"] == {
@@ -362,6 +363,9 @@ def test_screening_log_csv_round_trip(store: Store) -> None:
         "outcome": "overridden",
         "reason": "Not appropriate now (changed mind)",
         "outcome_time": "2025-06-15T12:26:40Z",
+        "source": "hook",
+        "recorded_by": "",
+        "checklist_confirmed": "",
     }
     assert rows["d"]["criteria_unknown"] == "lactate; MAP"
     assert rows["d"]["criteria_to_confirm"] == "consent"

@@ -8,11 +8,14 @@ With no file at all the service screens every shipped trial, runs open (no JWT c
 
 from __future__ import annotations
 
+import base64
 import copy
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -89,6 +92,36 @@ DEFAULTS: dict[str, Any] = {
         "jwks_timeout_seconds": 2.0,
         "jwks_cache_seconds": 3600,
     },
+    "worksheet": {
+        # The screening worksheet: a SMART on FHIR app served by this service (docs/worksheet.md).
+        # When on, every card links to it and carries the count of bedside items; the worksheet the list.
+        "enabled": False,
+        # The URL users reach this service at ("" = server.public_url): the launch URL is
+        # <public_url>/worksheet/launch and the redirect URI <public_url>/worksheet/callback.
+        "public_url": "",
+        # The client id the EHR gave the app; a secret makes it a confidential client (client_secret_basic).
+        "client_id": "",
+        "client_secret": "",
+        # FHIR base URLs (`iss`) the app may be launched from (or below one of them).
+        "issuers": [],
+        # The FHIR base of a standalone launch (no `iss` given); "" = standalone launch needs `iss`.
+        "standalone_iss": "",
+        # SMART v2 scopes (patient/Observation.rs …) or v1 (patient/Observation.read …).
+        "scope_version": "v2",
+        # Fernet keys (cryptography) encrypting tokens at rest: the first encrypts, all decrypt (rotation).
+        "token_keys": [],
+        # A session ends after this long without a request, and after max_hours whatever happens.
+        "idle_minutes": 30,
+        "max_hours": 8,
+        # The app's own time limits: the EHR's authorization server (each call) and its FHIR data.
+        "auth_timeout_seconds": 5.0,
+        "fhir_deadline_seconds": 10.0,
+        # The session cookie's SameSite: Lax; None when the EHR shows the app in a cross-site frame.
+        "cookie_samesite": "Lax",
+        # Origins allowed to frame the pages (CSP frame-ancestors); empty = none.
+        "frame_ancestors": [],
+        "link_label": "Open the screening worksheet",
+    },
     "logging": {
         "level": "INFO",
     },
@@ -110,6 +143,16 @@ def _time_zone_ok(field: str, value: Any, error: Any) -> None:
         ZoneInfo(str(value))
     except (ZoneInfoNotFoundError, ValueError):
         error(field, f"unknown IANA time zone {value!r} (e.g. UTC, Europe/Paris, America/Chicago)")
+
+
+def _fernet_key_ok(field: str, value: Any, error: Any) -> None:
+    """A Fernet key: 32 bytes, url-safe base64 (``Fernet.generate_key()``). Never echoed back."""
+    try:
+        if len(base64.urlsafe_b64decode(str(value).encode("ascii"))) == 32:
+            return
+    except (ValueError, UnicodeEncodeError):
+        pass
+    error(field, "not a Fernet key (32 bytes, url-safe base64: Fernet.generate_key())")
 
 
 SCHEMA: dict[str, Any] = {
@@ -176,6 +219,29 @@ SCHEMA: dict[str, Any] = {
             "clock_skew_seconds": {"type": "integer", "min": 0, "max": 600},
             "jwks_timeout_seconds": {"type": "number", "min": 0.1, "max": 30},
             "jwks_cache_seconds": {"type": "integer", "min": 0},
+        },
+    },
+    "worksheet": {
+        "type": "dict",
+        "schema": {
+            "enabled": {"type": "boolean"},
+            "public_url": {"type": "string", "regex": r"^(https?://[^\s/]+(/[^\s]*)?)?$"},
+            "client_id": {"type": "string"},
+            "client_secret": {"type": "string"},
+            "issuers": {"type": "list", "schema": {"type": "string", "regex": r"^https?://[^\s]+$"}},
+            "standalone_iss": {"type": "string", "regex": r"^(https?://[^\s]+)?$"},
+            "scope_version": {"type": "string", "allowed": ["v1", "v2"]},
+            "token_keys": {"type": "list", "schema": {"type": "string", "check_with": _fernet_key_ok}},
+            "idle_minutes": {"type": "number", "min": 1, "max": 24 * 60},
+            "max_hours": {"type": "number", "min": 0.1, "max": 7 * 24},
+            "auth_timeout_seconds": {"type": "number", "min": 0.1, "max": 60},
+            "fhir_deadline_seconds": {"type": "number", "min": 0.1, "max": 120},
+            "cookie_samesite": {"type": "string", "allowed": ["Lax", "Strict", "None"]},
+            "frame_ancestors": {
+                "type": "list",
+                "schema": {"type": "string", "regex": r"^https?://[^\s;,']+$"},
+            },
+            "link_label": {"type": "string", "empty": False, "maxlength": 70},
         },
     },
     "logging": {
@@ -251,6 +317,12 @@ class Settings:
     def auth_enabled(self) -> bool:
         return bool(self.raw["security"]["trusted_clients"])
 
+    @property
+    def worksheet_url(self) -> str:
+        """Where users reach the worksheet's routes: ``worksheet.public_url`` or ``server.public_url``."""
+        worksheet = self.raw["worksheet"]
+        return str(worksheet["public_url"] or self.raw["server"]["public_url"]).rstrip("/")
+
 
 def load_settings(
     path: str | os.PathLike[str] | None = None,
@@ -289,4 +361,42 @@ def load_settings(
             f"{source}: server.public_url is required when security.trusted_clients is set "
             "(a client's JWT `aud` must equal the exact URL it called)"
         )
+    _check_worksheet(raw["worksheet"], raw["server"], source)
     return Settings(raw=raw, source=source)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for a URL whose host is a loopback address or ``localhost``."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_worksheet(worksheet: dict[str, Any], server: dict[str, Any], source: str) -> None:
+    """A switched-on worksheet needs its URL, client id, keys and issuers; over https off loopback."""
+    if not worksheet["enabled"]:
+        return
+    public_url = worksheet["public_url"] or server["public_url"]
+    missing = [
+        name
+        for name, value in (
+            ("worksheet.public_url (or server.public_url)", public_url),
+            ("worksheet.client_id", worksheet["client_id"]),
+            ("worksheet.token_keys", worksheet["token_keys"]),
+            ("worksheet.issuers", worksheet["issuers"]),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigError(f"{source}: worksheet.enabled needs {', '.join(missing)} (docs/worksheet.md)")
+    if public_url.startswith("http://") and not is_loopback_url(public_url):
+        raise ConfigError(
+            f"{source}: worksheet public URL {public_url!r}: https is required off loopback "
+            "(the session cookie is Secure)"
+        )
+    if worksheet["cookie_samesite"] == "None" and public_url.startswith("http://"):
+        raise ConfigError(f"{source}: worksheet.cookie_samesite None needs an https public URL")

@@ -18,6 +18,7 @@ Cards come in one order (:func:`card_order`). See docs/cards.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
@@ -207,6 +208,14 @@ def card_order(result: TrialResult) -> tuple[Any, ...]:
 
 
 @dataclass(frozen=True)
+class WorksheetLink:
+    """The card's link to the screening worksheet (a SMART app): its launch URL and label."""
+
+    url: str
+    label: str
+
+
+@dataclass(frozen=True)
 class CardTemplates:
     summary: dict[str, Template]
     detail: Template
@@ -274,12 +283,14 @@ class CardRenderer:
         trials: Iterable[Trial] = (),
         *,
         worksheet_enabled: bool = False,
+        worksheet_link: WorksheetLink | None = None,
     ):
         self.screening = screening
         self.zone = str(screening.get("timezone") or "UTC")
-        # From [worksheet] on, the bedside checklist lives in the SMART worksheet and the card
-        # carries its count only (the templates read `worksheet`).
+        # With the screening worksheet on, the bedside checklist lives in the SMART worksheet and the
+        # card carries its count only (the templates read `worksheet`), and a link that opens it.
         self.worksheet_enabled = worksheet_enabled
+        self.worksheet_link = worksheet_link
         self.env = Environment(
             undefined=StrictUndefined,
             autoescape=False,
@@ -571,6 +582,17 @@ class CardRenderer:
             }
         ]
         links.extend({"label": clean(label), "url": url, "type": "absolute"} for label, url in trial.links)
+        if self.worksheet_link is not None:
+            # A SMART launch of the screening worksheet. `appContext` names the trial so that the
+            # worksheet opens on it; clients that drop appContext (Oracle Health) open its overview.
+            links.append(
+                {
+                    "label": clean(self.worksheet_link.label),
+                    "url": self.worksheet_link.url,
+                    "type": "smart",
+                    "appContext": json.dumps({"trial": trial.id}, separators=(",", ":")),
+                }
+            )
         site_url = self.screening.get("site_link_url")
         if site_url:
             # A SMART launch URL: the EHR adds `iss` and `launch`; no appContext (Oracle Health drops

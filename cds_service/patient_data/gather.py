@@ -46,7 +46,9 @@ class PrefetchPlan:
 
 
 def _codes(tokens: list[str]) -> str:
-    return ",".join(quote(token, safe="|:/.-") for token in tokens)
+    # "/" is percent-encoded: proxies that collapse "//" in a URL (the SMART Health IT launcher's
+    # FHIR proxy does) would otherwise turn "http://loinc.org|…" into "http:/loinc.org|…".
+    return ",".join(quote(token, safe="|:.-") for token in tokens)
 
 
 def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: int) -> PrefetchPlan:

@@ -81,7 +81,10 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 @bp.after_app_request
 def add_cors_headers(response: Response) -> Response:
-    # The public sandbox calls from a browser on another origin: every route, POST included.
+    # The public sandbox calls from a browser on another origin: every route, POST included — but
+    # not the screening worksheet's pages, which no other origin may read.
+    if request.blueprint == "worksheet" or request.path.startswith("/worksheet/"):
+        return response
     response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin") or "*"
     response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
     response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
