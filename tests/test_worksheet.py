@@ -24,6 +24,8 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cds_service.app import create_app
 from cds_service.base.config import ConfigError, load_settings
@@ -852,3 +854,43 @@ def test_with_the_worksheet_on_every_card_links_to_it_and_the_site_link_stays(tm
         if result.to_confirm:  # the checklist's count in the card, the list in the worksheet
             assert f"**To confirm ({len(result.to_confirm)})** in the screening worksheet." in card["detail"]
             assert "☐" not in card["detail"]
+
+
+_junk = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    route=st.sampled_from(["/worksheet/launch", "/worksheet/callback", "/worksheet/", "/worksheet/trials/x"]),
+    params=st.dictionaries(
+        st.sampled_from(["iss", "launch", "state", "code", "error", "error_description"]), _junk
+    ),
+    form=st.dictionaries(st.sampled_from(["decision", "reason", "confirmed", "csrf_token"]), _junk),
+    with_session=st.booleans(),
+    with_csrf=st.booleans(),
+)
+def test_no_input_gives_a_500(
+    tmp_path: Path,
+    fault_server: FaultServer,
+    route: str,
+    params: dict[str, str],
+    form: dict[str, str],
+    with_session: bool,
+    with_csrf: bool,
+) -> None:
+    app = _FUZZ_APPS.get("app") or _FUZZ_APPS.setdefault("app", make_app(tmp_path, fault_server))
+    client = app.test_client()
+    if with_session:
+        cookie = open_session(app, client, fault_server.base_url)
+        if with_csrf:
+            form["csrf_token"] = app.extensions["worksheet"].sessions.load(cookie).csrf
+    for response in (
+        client.get(route, query_string=params),
+        client.post("/worksheet/trials/NCT05184296/record", data=form),
+        client.post("/worksheet/end", data=form),
+    ):
+        assert response.status_code < 500, response.text
+        assert response.headers["Content-Type"].startswith("text/html")
+
+
+_FUZZ_APPS: dict[str, Flask] = {}

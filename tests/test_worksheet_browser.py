@@ -21,8 +21,6 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,46 +33,17 @@ from tests.conftest import SERVICE_URL, hook_body
 from tests.infrastructure import needs_infrastructure
 from tests.worksheet_fixtures import WORKSHEET_PATIENTS, WORKSHEET_PROVIDER, ServedWorksheet
 
-try:  # the dev extra installs it; missing, the test fails in CI and skips elsewhere
-    from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
-except ImportError:  # pragma: no cover - checked by needs_infrastructure() below
-    sync_playwright = None  # type: ignore[assignment]
+try:  # the dev extra installs it; missing, the worksheet_browser fixture fails in CI, skips elsewhere
+    from playwright.sync_api import Browser, ConsoleMessage, Page
+except ImportError:  # pragma: no cover
+    Browser = ConsoleMessage = Page = Any  # type: ignore[assignment,misc]
 
 pytestmark = pytest.mark.fhir
 
-CHROMIUM = Path(os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium"))
-#: Chromium as root on a machine with a closed network (see /work/.library notes and cards-ux's test).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 AXE = PROJECT_ROOT / ".cache" / "test-npm" / "node_modules" / "axe-core" / "axe.min.js"
 ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "worksheet"
 DOC_SCREENSHOTS = PROJECT_ROOT / "docs" / "worksheet"
 ECMO, IMICRO = "NCT05184296", "NCT03788837"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    needs_infrastructure(
-        "Playwright for Python", sync_playwright is not None, "run `make dev` (the dev extra)"
-    )
-    needs_infrastructure(
-        f"Debian's Chromium at {CHROMIUM}",
-        CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
-        "run `make chromium-bin` (apt-get install chromium)",
-    )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +97,7 @@ def hook(served: ServedWorksheet, fhir: FhirTestServer, patient_id: str) -> dict
 
 
 def test_a_referral_recorded_in_chromium_is_logged_with_the_user_and_silences_that_trials_cards(
-    browser: Browser,
+    worksheet_browser: Browser,
     axe_source: str,
     worksheet_served: ServedWorksheet,
     worksheet_patients: dict[str, str],
@@ -147,7 +116,7 @@ def test_a_referral_recorded_in_chromium_is_logged_with_the_user_and_silences_th
     }
     assert "in the screening worksheet" in before[ECMO]["detail"] and "☐" not in before[ECMO]["detail"]
 
-    tab = Tab(browser)
+    tab = Tab(worksheet_browser)
     try:
         page = tab.page
         page.goto(worksheet_served.launch_url(patient))
@@ -211,14 +180,14 @@ def test_a_referral_recorded_in_chromium_is_logged_with_the_user_and_silences_th
 
 @pytest.mark.parametrize("scenario", sorted(WORKSHEET_PATIENTS))
 def test_each_trials_worksheet_is_accessible_and_kept_as_a_screenshot(
-    browser: Browser,
+    worksheet_browser: Browser,
     axe_source: str,
     worksheet_served: ServedWorksheet,
     worksheet_patients: dict[str, str],
     scenario: str,
 ) -> None:
     trial_id = WORKSHEET_PATIENTS[scenario]
-    tab = Tab(browser)
+    tab = Tab(worksheet_browser)
     try:
         page = tab.page
         page.goto(worksheet_served.launch_url(worksheet_patients[scenario]))
@@ -233,9 +202,9 @@ def test_each_trials_worksheet_is_accessible_and_kept_as_a_screenshot(
 
 
 def test_an_error_page_is_accessible(
-    browser: Browser, axe_source: str, worksheet_served: ServedWorksheet
+    worksheet_browser: Browser, axe_source: str, worksheet_served: ServedWorksheet
 ) -> None:
-    tab = Tab(browser)
+    tab = Tab(worksheet_browser)
     try:
         response = tab.page.goto(f"{worksheet_served.url}/worksheet/")
         assert response is not None and response.status == 401

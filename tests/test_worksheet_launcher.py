@@ -27,7 +27,7 @@ from flask import Flask
 
 from cds_service.app import create_app
 from cds_service.knowledge.trials import Trial
-from tests.fault_server import FaultServer
+from tests.fault_server import Behaviour, FaultServer
 from tests.smart_launcher import PROVIDER_STANDALONE, SmartLauncher
 from tests.worksheet_fixtures import (
     WORKSHEET_CLIENT_ID,
@@ -294,8 +294,12 @@ def test_a_standalone_launch_gets_its_patient_from_the_authorization_server(
 def test_a_fhir_server_too_slow_behind_the_launcher_gives_a_clear_page(
     smart_launcher: SmartLauncher, fault_server: FaultServer, tmp_path: Path
 ) -> None:
-    fault_server.slow("Observation", 5.0)
-    fault_server.slow("Condition", 5.0)
+    # One connection per request: node (the launcher) reusing a kept-alive socket of Python's test
+    # server now and then meets it closed ("socket hang up", then the launcher's own 500).
+    close = {"Connection": "close"}
+    fault_server.set(None, Behaviour(headers=close))
+    fault_server.set("Observation", Behaviour(delay=5.0, headers=close))
+    fault_server.set("Condition", Behaviour(delay=5.0, headers=close))
     # The launch code's fhir_server puts the slow server behind the launcher's FHIR proxy.
     sim = launch_code("slow-patient", WORKSHEET_PROVIDER, fhir_server=fault_server.base_url)
     iss = smart_launcher.sim_fhir_url(sim)

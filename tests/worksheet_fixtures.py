@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -32,17 +33,38 @@ from tests.infrastructure import needs_infrastructure
 from tests.smart_launcher import LAUNCHER_DIR, SmartLauncher, launch_code
 
 __all__ = [
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
     "WORKSHEET_CLIENT_ID",
     "WORKSHEET_PATIENTS",
     "WORKSHEET_PROVIDER",
     "ServedWorksheet",
     "launch_code",
     "smart_launcher",
+    "worksheet_browser",
     "worksheet_patients",
     "worksheet_served",
     "worksheet_test_settings",
 ]
 
+try:  # the dev extra installs it; missing, the browser tests fail in CI and skip elsewhere
+    from playwright.sync_api import Browser, sync_playwright
+except ImportError:  # pragma: no cover - checked by needs_infrastructure()
+    sync_playwright = None  # type: ignore[assignment]
+
+#: Debian's Chromium (``make test`` installs it); Playwright's own browser download is never used.
+CHROMIUM = Path(os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium"))
+#: Chromium as root on a machine with a closed network: without the background-networking flags
+#: its connections are refused many at a time.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WORKSHEET_CLIENT_ID = "screening-worksheet"
 #: The launcher's practitioner (the user of every launch), loaded into the FHIR server too.
 WORKSHEET_PROVIDER = "ws-icu-doc"
@@ -75,6 +97,25 @@ def worksheet_test_settings(
             },
         },
     )
+
+
+@pytest.fixture(scope="session")
+def worksheet_browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright for Python (session-wide)."""
+    needs_infrastructure(
+        "Playwright for Python", sync_playwright is not None, "run `make dev` (the dev extra)"
+    )
+    needs_infrastructure(
+        f"Debian's Chromium at {CHROMIUM}",
+        CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
+        "run `make chromium-bin` (apt-get install chromium)",
+    )
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 @pytest.fixture(scope="session")
