@@ -99,9 +99,10 @@ def worksheet_test_settings(
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def worksheet_browser() -> Iterator[Browser]:
-    """Debian's Chromium, headless, driven by Playwright for Python (session-wide)."""
+    """Debian's Chromium, headless, driven by Playwright for Python. Per module: Playwright's sync API
+    cannot run twice at once, and tests/test_sandbox_browser.py starts its own."""
     needs_infrastructure(
         "Playwright for Python", sync_playwright is not None, "run `make dev` (the dev extra)"
     )
