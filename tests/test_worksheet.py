@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
-import logging
 import re
 import sqlite3
 import time
@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from cds_service.app import create_app
 from cds_service.base.config import ConfigError, load_settings
+from cds_service.base.logs import configure_logging
 from cds_service.clinical.evaluation import ELIGIBLE
 from cds_service.patient_data.gather import RawPatientData
 from cds_service.screening import Screener
@@ -735,26 +736,43 @@ def test_the_user_can_end_the_session_and_its_tokens_are_deleted(tmp_path: Path,
     assert client.get("/worksheet/").status_code == 401
 
 
-def test_nothing_secret_reaches_the_log(
-    tmp_path: Path, ehr: FaultServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG)
+def test_nothing_secret_reaches_the_log(tmp_path: Path, ehr: FaultServer) -> None:
+    """Every record rendered by the production JSON formatter (extra fields included)."""
+    issuer = Issuer(ehr)
     app = make_app(tmp_path, ehr, fhir_deadline_seconds=0.5)
-    client = app.test_client()
-    params = start_launch(client, ehr)
-    client.get("/worksheet/callback", query_string={"code": "the-code-value", "state": params["state"]})
-    open_session(app, client, ehr.base_url)
-    ehr.status("Observation", 401)
-    client.get("/worksheet/")
-    text = caplog.text
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)  # after create_app, which configures logging itself
+    try:
+        _launch_and_page(app, ehr, issuer)
+    finally:
+        configure_logging("INFO")
+    text = stream.getvalue()
+    assert "worksheet session started" in text and '"user_type":"Patient"' in text.replace(" ", "")
     for secret in (
         "the-code-value",
-        params["state"],
+        "at-secret-value",
         SESSION_FIELDS["access_token"],
         "patient-secret-id",
         KEY,
     ):
         assert secret not in text
+
+
+def _launch_and_page(app: Flask, ehr: FaultServer, issuer: Issuer) -> None:
+    """A refused code, a launch by a patient user (a patient-facing launch), a page whose FHIR server
+    refuses the token."""
+    client = app.test_client()
+    params = start_launch(client, ehr)
+    client.get("/worksheet/callback", query_string={"code": "the-code-value", "state": params["state"]})
+    other = start_launch(client, ehr)
+    id_token = issuer.token(nonce=other["nonce"], fhirUser="Patient/patient-secret-id")
+    answer = {"access_token": "at-secret-value", "token_type": "Bearer", "patient": "patient-secret-id"}
+    ehr.json("token", answer | {"id_token": id_token})
+    done = client.get("/worksheet/callback", query_string={"code": "c", "state": other["state"]})
+    assert done.status_code == 303
+    open_session(app, client, ehr.base_url)
+    ehr.status("Observation", 401)
+    assert client.get("/worksheet/").status_code == 403
 
 
 @pytest.mark.parametrize(

@@ -375,7 +375,9 @@ def callback() -> Response:
             "encounter_id": grant.encounter_id,
         }
     )
-    log.info("worksheet session started", extra={"fields": {"user": user, "trial": trial}})
+    # The user's resource type only: a fhirUser can be a Patient/… (a patient identifier).
+    user_type = user.rsplit("/", 2)[-2] if "/" in user else "unknown"
+    log.info("worksheet session started", extra={"fields": {"user_type": user_type, "trial": trial}})
     target = url_for(".trial", trial_id=trial) if trial else url_for(".overview")
     response = redirect(target, 303)
     response.set_cookie(ws.cookies.session, cookie, **ws.cookies.flags())
