@@ -211,6 +211,7 @@ def _explain(result: Any) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .knowledge.criteria_language import absence_rules
     from .screening import Screener
 
     settings = _settings(args)
@@ -222,6 +223,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{len(knowledge.value_sets)} condition value sets, {len(screener.trials)} trials "
         f"({', '.join(t.id for t in screener.trials)}), card templates — from {settings.data_dir}"
     )
+    # Rules whose missing data counts as "not met": each carries its clinical reason (checked at
+    # load time), listed so that a reviewer sees every place where absence decides.
+    absent = [
+        (trial.id, criterion.id, spec)
+        for trial in screener.trials
+        for criterion in trial.criteria
+        if criterion.rule is not None
+        for _, spec in absence_rules(criterion.rule)
+    ]
+    print(f'{len(absent)} rule(s) where missing data counts as "not met", each with its reason:')
+    for trial_id, criterion_id, spec in absent:
+        what = spec.get("input") or ", ".join(spec.get("value_sets", ()))
+        print(f"  {trial_id} {criterion_id} ({what}): {spec.get('absent_reason', '(no reason!)')}")
     return 0
 
 

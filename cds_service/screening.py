@@ -59,6 +59,9 @@ class Screener:
     def screen(self, patient_id: str, data: RawPatientData, at: float | None = None) -> ScreeningOutcome:
         at = time.time() if at is None else at
         facts = extract(patient_id, data.patient, data.all_resources(), self.knowledge)
+        by_key = {query.key: query.delivers for query in self.plan.queries}
+        for key in data.unavailable:
+            facts.unavailable |= by_key.get(key, frozenset())
         inputs = derive_inputs(facts, self.knowledge, self.derivation_params, at)
         results = [evaluate_trial(trial, inputs) for trial in self.trials]
         return ScreeningOutcome(facts, inputs, results)

@@ -272,7 +272,9 @@ def test_describe_and_confirm_detection() -> None:
     text = describe_rule(rule, {"lvef": "LVEF"})
     assert "latest LVEF < 35 %" in text and "ventricular arrhythmia (charted: clinician confirms)" in text
     assert rule_can_confirm(rule)
-    assert not rule_can_confirm({"condition": {"value_sets": ["hiv_aids"], "if_absent": "not_met"}})
+    # A charted code may only suggest its value set (or be unconfirmed): every condition rule can ask.
+    assert rule_can_confirm({"condition": {"value_sets": ["hiv_aids"], "if_absent": "not_met"}})
+    assert not rule_can_confirm({"value": {"input": "platelets", "op": "<", "threshold": 30}})
 
 
 # -- trial files with mistakes --------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_latest_weight_at_or_before_the_evaluation_time(knowledge: Knowledge) ->
     weight = body_weight(facts_of(builder, knowledge), T)
     assert (weight.value, weight.status) == (79.5, "known")
     assert weight.evidence[0].time == h(10)
-    assert body_weight(PatientFacts("none"), T).missing == "body weight (LOINC 29463-7)"
+    assert body_weight(PatientFacts("none"), T).missing == "body weight (LOINC 29463-7, 3141-9 or 8335-2)"
 
 
 # -- VIS ------------------------------------------------------------------------------------------
@@ -146,7 +146,8 @@ def test_vis_of_norepinephrine_and_vasopressin_in_units_per_minute(knowledge: Kn
     assert vis_points(facts, knowledge) == [(h(5), 20.0), (h(2), 25.0)]
     _, now = vis_series(facts, knowledge, T)
     assert "vasopressin 0.0005 U/kg/min" in now.evidence[0].text
-    assert any(e.text == "weight 80 kg" for e in now.evidence)  # the weight used is shown
+    assert any(e.text == "weight 80 kg, LOINC 29463-7" for e in now.evidence)  # the weight used is shown
+    assert "(0.04 U/min ÷ 80 kg)" in now.evidence[0].text  # and the arithmetic
 
 
 def test_vis_from_micrograms_per_minute_and_milligrams_per_hour(knowledge: Knowledge) -> None:
@@ -326,15 +327,18 @@ def test_stale_infection_diagnosis_does_not_establish_septic_shock(
     assert (onset.value, onset.status) == (h(4), "unknown")
 
 
-def test_charted_septic_shock_alone_gives_the_charted_onset(
+def test_charted_septic_shock_alone_gives_a_candidate_onset_to_confirm(
     knowledge: Knowledge, onset_params: dict[str, Any]
 ) -> None:
+    # Issue 14 (7): with no vasopressor-plus-lactate episode Sepsis-3 is not shown by the chart, so
+    # the charted diagnosis gives a *candidate* onset the clinician confirms, never a known one.
     builder = PatientBuilder("onset-charted", AT)
     builder.condition(ICD10CM, "R65.21", "Severe sepsis with septic shock", onset_hours=5)
     facts = facts_of(builder, knowledge)
     onset = septic_shock_onset(facts, knowledge, onset_params, T)
-    assert (onset.value, onset.status) == (h(5), "known")
-    assert "charted septic-shock diagnosis" in onset.evidence[0].text
+    assert (onset.value, onset.status) == (h(5), "confirm")
+    assert "candidate onset from the charted septic-shock diagnosis" in onset.evidence[0].text
+    assert "no vasopressor" in onset.missing + " ".join(e.text for e in onset.evidence)
     assert onset.evidence[0].resources == (facts.conditions[0].resource,)
 
 
@@ -403,8 +407,8 @@ def series(*points: tuple[float, float], name: str = "lactate") -> list[Observat
     return [ObservationFact(name, start + m * MINUTE, v, "", f"Observation/{m}", "") for m, v in points]
 
 
-def above_5(value: Any) -> bool:
-    return float(value) > 5
+def above_5(fact: ObservationFact) -> bool:
+    return float(fact.value) > 5
 
 
 def test_persistent_needs_two_values_beyond_the_threshold_at_least_30_min_apart() -> None:
@@ -424,6 +428,20 @@ def test_a_value_below_the_threshold_breaks_persistence() -> None:
     assert persistent(series((0, 6.0), (20, 4.8), (50, 6.5)), above_5, 30 * MINUTE) is None
 
 
+def test_persistence_means_still_true_now() -> None:
+    # Issue 14 (10): 6.0 and 6.5 an hour apart were a persistent run, but the latest value fell back
+    # to 3.1: the lactacemia is not persistent now. Only `current=False` accepts the earlier run.
+    fell_back = series((0, 6.0), (60, 6.5), (120, 3.1))
+    assert persistent(fell_back, above_5, 30 * MINUTE) is None
+    earlier = persistent(fell_back, above_5, 30 * MINUTE, current=False)
+    assert earlier is not None and [f.value for f in earlier] == [6.0, 6.5]
+    # A later value beyond the threshold keeps it going: the run reaches the latest value.
+    still = persistent(series((0, 6.0), (60, 6.5), (120, 7.1)), above_5, 30 * MINUTE)
+    assert still is not None and [f.value for f in still] == [6.5, 7.1]
+    # A value that cannot be decided (censored the wrong way) breaks it too.
+    assert persistent(fell_back[:2], lambda f: None if f.value == 6.5 else True, 30 * MINUTE) is None
+
+
 def test_trend_directions() -> None:
     assert trend_holds(series((0, 6.0), (30, 6.0), (60, 6.4)), "non_decreasing")
     assert not trend_holds(series((0, 6.0), (30, 5.9)), "non_decreasing")
@@ -432,8 +450,8 @@ def test_trend_directions() -> None:
     assert not trend_holds(series((0, 50), (30, 53), name="svo2"), "non_increasing")
 
 
-def below_65(value: Any) -> bool:
-    return float(value) < 65
+def below_65(fact: ObservationFact) -> bool:
+    return float(fact.value) < 65
 
 
 def test_sustained_run_counts_from_first_to_last_consecutive_value() -> None:

@@ -344,6 +344,11 @@ def test_who_icd10_and_icd10cm_match_by_prefix_with_or_without_dots(knowledge: K
     builder.condition("http://hl7.org/fhir/sid/icd-10", "A419", "Sepsis, unspecified", onset_hours=8)
     builder.condition("http://hl7.org/fhir/sid/icd-10-cm", "Z21", "Asymptomatic HIV status", onset_hours=1e4)
     facts = facts_of(builder, knowledge)
-    assert [set(c.value_sets) for c in facts.conditions] == [{"acute_myocardial_infarction"}, {"sepsis"}]
-    # Z21 is not AIDS (docs/knowledge.md, left out on purpose): counted as unknown, not excluded.
-    assert facts.unknown_codes == {"Condition http://hl7.org/fhir/sid/icd-10-cm|Z21": 1}
+    assert [set(c.value_sets) for c in facts.conditions] == [
+        {"acute_myocardial_infarction"},
+        {"sepsis"},
+        {"hiv_aids"},
+    ]
+    # Z21 is not AIDS (asymptomatic HIV): its row only suggests the value set, so it asks, never excludes.
+    assert [set(c.suggests) for c in facts.conditions] == [set(), set(), {"hiv_aids"}]
+    assert not facts.unknown_codes

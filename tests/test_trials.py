@@ -51,7 +51,12 @@ def test_the_three_seed_trials_load_with_registry_facts(screener: Screener) -> N
     for trial in trials.values():
         assert trial.registry_url == f"https://clinicaltrials.gov/study/{trial.id}"
         assert trial.title and trial.sponsor and trial.window_source
-        assert trial.window_anchor == "septic_shock_onset"
+    # I-MICRO's registry times randomisation from norepinephrine onset (issue 14, defect 5).
+    assert {t.id: t.window_anchor for t in trials.values()} == {
+        ECMO: "septic_shock_onset",
+        MSC: "septic_shock_onset",
+        IMICRO: "norepinephrine_start",
+    }
     assert (trials[MSC].window_opens, trials[MSC].window_closes) == (0, 10 * 3600)
     assert (trials[IMICRO].window_opens, trials[IMICRO].window_closes) == (6 * 3600, 24 * 3600)
     closers = [c.id for c in trials[ECMO].exclusion if c.closes_window]
@@ -190,7 +195,8 @@ inclusion:
   - id: thrombocytopenia
     text: Platelets < 50 × 10⁹/L
     source: "platelets below 50 000 per microlitre"
-    rule: {value: {input: platelets, op: "<", threshold: 50, aggregate: min, within: 24h}}
+    rule:
+      value: {input: platelets, op: "<", threshold: 50, aggregate: min, within: 24h, within_source: "today"}
     measure: a platelet count in the last 24 h
   - id: adult
     text: Age ≥ 18 years

@@ -23,6 +23,8 @@ class ObservationFact(NamedTuple):
     resource: str
     code: str
     note: str = ""
+    #: FHIR ``valueQuantity.comparator`` ("<", "<=", ">=", ">"): ``value`` is a bound, not the value.
+    comparator: str = ""
 
 
 class AdministrationFact(NamedTuple):
@@ -36,16 +38,22 @@ class AdministrationFact(NamedTuple):
     matched_by: str  # "code" | "text"
     status: str
     bolus: bool = False  # a dose given at one moment with no rate: not an infusion
+    #: How the rate was obtained when not charted in a dose unit ("15 mL/h × 16 mg/250 mL = 0.96 mg/h"),
+    #: or why no rate could be had ("pump rate 15 mL/h, but Medication/x has no strength").
+    rate_note: str = ""
 
 
 class ConditionFact(NamedTuple):
     value_sets: frozenset[str]
     onset: float | None
     recorded: float | None
-    clinical_status: str
-    verification_status: str
+    clinical_status: str  # "" when the Condition has no clinicalStatus
+    verification_status: str  # "" when it has no verificationStatus
     resource: str
     code: str
+    #: Value sets whose matching code row only *suggests* the value set's meaning (`meaning: suggests`).
+    suggests: frozenset[str] = frozenset()
+    display: str = ""
 
 
 class UnusableValue(NamedTuple):
@@ -65,6 +73,10 @@ class PatientFacts:
     observations: dict[str, list[ObservationFact]] = field(default_factory=dict)
     administrations: list[AdministrationFact] = field(default_factory=list)
     conditions: list[ConditionFact] = field(default_factory=list)
+    #: Data that could not be had: prefetch keys sent as null, or missing with no fhirServer. Holds
+    #: observation input names, "administrations", "conditions" and "patient": criteria depending on
+    #: them are unknown, never "not met".
+    unavailable: set[str] = field(default_factory=set)
     unknown_codes: Counter[str] = field(default_factory=Counter)
     unusable: list[UnusableValue] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)

@@ -463,6 +463,11 @@ class CardRenderer:
             "to_confirm": result.to_confirm,
             "pending": result.pending,
             "onset": result.onset,
+            "anchor": result.anchor or result.onset,
+            "anchor_label": result.anchor_name.replace("_", " "),
+            "anchor_differs": result.anchor is not None
+            and result.anchor_name != "septic_shock_onset"
+            and result.anchor.value is not None,
             "window_opens_at": result.window_opens_at,
             "window_closes_at": result.window_closes_at,
             "time_left": time_left,

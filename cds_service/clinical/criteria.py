@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..base.facts import ObservationFact, format_time
+from ..base.facts import ConditionFact, ObservationFact, format_time
 from ..knowledge.criteria_language import (
     CONFIRM,
+    INCONCLUSIVE,
     MET,
     NOT_MET,
     OPERATORS,
@@ -20,7 +21,18 @@ from ..knowledge.criteria_language import (
     UNKNOWN,
     parse_duration,
 )
-from .derived import HOUR, ClinicalInputs, Evidence, in_window, persistent, sustained_run, trend_holds
+from .derived import (
+    CONFIRM_STATUS,
+    HOUR,
+    ClinicalInputs,
+    Evidence,
+    FactTest,
+    in_window,
+    latest,
+    persistent,
+    sustained_run,
+    trend_holds,
+)
 
 
 @dataclass(frozen=True)
@@ -110,10 +122,87 @@ def _series(inputs: ClinicalInputs, spec: dict[str, Any]) -> list[ObservationFac
 
 
 def _comparator(spec: dict[str, Any]) -> Callable[[Any], bool]:
+    """The threshold test on a plain value (scalars: age, the current VIS …)."""
     compare, threshold = OPERATORS[spec["op"]], spec["threshold"]
     if isinstance(threshold, str):
         return lambda value: compare(str(value), threshold)
     return lambda value: isinstance(value, int | float) and compare(float(value), float(threshold))
+
+
+def censored_test(comparator: str, bound: float, op: str, threshold: float) -> bool | None:
+    """Whether a value charted as ``<comparator><bound>`` (e.g. "> 3") meets ``<op> threshold``:
+    True or False when every value the censoring allows gives that answer, else None (undecidable).
+
+    "> 3" meets "> 3" and "≥ 3"; "< 0.1" meets "< 1"; "> 3" fails "< 3"; "< 5" against "> 3" is None.
+    """
+    if comparator in (">", ">="):
+        strict = comparator == ">"  # the true value lies in (bound, ∞), or [bound, ∞) for ">="
+        if op in (">", ">="):
+            ok = bound > threshold or (bound == threshold and (strict or op == ">="))
+            return True if ok else None
+        if op in ("<", "<="):
+            never = bound > threshold or (bound == threshold and (strict or op == "<"))
+            return False if never else None
+        return None
+    if comparator in ("<", "<="):
+        strict = comparator == "<"  # the true value lies in (-∞, bound), or (-∞, bound]
+        if op in ("<", "<="):
+            ok = bound < threshold or (bound == threshold and (strict or op == "<="))
+            return True if ok else None
+        if op in (">", ">="):
+            never = bound < threshold or (bound == threshold and (strict or op == ">"))
+            return False if never else None
+        return None
+    return None  # "ad" (sufficient to achieve) or anything else: not a bound we can use
+
+
+def _fact_test(spec: dict[str, Any]) -> FactTest:
+    """The threshold test on a charted fact: three-valued, censored values (comparator) included."""
+    op, threshold = spec["op"], spec["threshold"]
+    compare = OPERATORS[op]
+    if isinstance(threshold, str):
+        return lambda fact: compare(str(fact.value), threshold)
+    limit = float(threshold)
+
+    def test(fact: ObservationFact) -> bool | None:
+        value = fact.value
+        if not isinstance(value, int | float):
+            return False
+        if fact.comparator:
+            return censored_test(fact.comparator, float(value), op, limit)
+        return compare(float(value), limit)
+
+    return test
+
+
+def _undecidable(values: list[ObservationFact], test: FactTest) -> list[ObservationFact]:
+    return [f for f in values if test(f) is None]
+
+
+def _censored_unknown(
+    inputs: ClinicalInputs, spec: dict[str, Any], facts: list[ObservationFact]
+) -> RuleResult:
+    """UNKNOWN because censored values cannot be compared with the threshold: never "not met"."""
+    shown = facts[-1]
+    return RuleResult(
+        UNKNOWN,
+        (_fact_evidence(inputs, shown),),
+        (
+            f"{_label(inputs, spec['input'])} charted as censored ({shown.comparator}{_fmt(shown.value)}): "
+            f"cannot tell whether {spec['op']} {spec['threshold']} — an exact value",
+        ),
+    )
+
+
+def _three_valued(results: list[bool | None], every: bool) -> bool | None:
+    """Kleene any (every=False) / all (every=True) over three-valued results."""
+    if every:
+        return False if False in results else (True if all(r is True for r in results) else None)
+    return True if True in results else (False if all(r is False for r in results) else None)
+
+
+def _unavailable(inputs: ClinicalInputs, name: str) -> bool:
+    return name in inputs.facts.unavailable
 
 
 def _missing(inputs: ClinicalInputs, spec: dict[str, Any]) -> str:
@@ -140,34 +229,64 @@ def _value(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         return RuleResult(
             MET if ok else NOT_MET, scalar.evidence, (), _shown(inputs, spec["input"], scalar.value)
         )
+    test = _fact_test(spec)
     values = _series(inputs, spec)
     if not values:
+        if _unavailable(inputs, spec["input"]):
+            return RuleResult(
+                UNKNOWN, (), (f"{_missing(inputs, spec)} (not available: prefetch null or not fetched)",)
+            )
+        older = latest(inputs.series.get(spec["input"], []), inputs.at)
+        if older is not None and spec.get("if_stale") == CONFIRM:
+            # Recency for every decision: an older value decides nothing, either way — it is shown
+            # and the clinician confirms (a pregnancy test from last year).
+            evidence = _fact_evidence(inputs, older, "latest ")
+            stale = Evidence(
+                f"{evidence.text} — older than {spec['within']}, so it cannot decide",
+                older.time,
+                evidence.resources,
+            )
+            return RuleResult(CONFIRM, (stale,), (), "")
         if spec.get("if_missing") == NOT_MET:
             return RuleResult(NOT_MET, (Evidence(f"no {_missing(inputs, spec)} charted"),))
         return RuleResult(UNKNOWN, (), (_missing(inputs, spec),))
     aggregate = spec.get("aggregate", "latest")
-    if aggregate in ("any", "all"):
-        hits = [f for f in values if compare(f.value)]
-        ok = bool(hits) if aggregate == "any" else len(hits) == len(values)
-        shown = (
-            (hits[-1] if hits else values[-1])
-            if aggregate == "any"
-            else next((f for f in values if not compare(f.value)), values[-1])
-        )
-        return RuleResult(
-            MET if ok else NOT_MET,
-            (_fact_evidence(inputs, shown, verdict=_verdict(inputs, spec, ok)),),
-            (),
-            _shown(inputs, shown.input, shown.value),
-        )
-    if aggregate == "latest":
-        chosen = values[-1]
-    else:
+    if aggregate in ("min", "max") and spec["op"] in ("==", "!="):
         numeric = [f for f in values if isinstance(f.value, int | float)]
         if not numeric:
             return RuleResult(UNKNOWN, (), (_missing(inputs, spec),))
         chosen = (min if aggregate == "min" else max)(numeric, key=lambda f: float(f.value))
-    ok = compare(chosen.value)
+        ok: bool | None = test(chosen)
+    elif aggregate in ("any", "all", "min", "max"):
+        # min / max against an inequality are any / all over the values (exact with censored values):
+        # "lowest < t" = any value < t, "lowest > t" = every value > t; and the other way for max.
+        if aggregate in ("min", "max"):
+            every = (aggregate == "min") == (spec["op"] in (">", ">="))
+        else:
+            every = aggregate == "all"
+        results = [test(f) for f in values]
+        ok = _three_valued(results, every)
+        if ok is None:
+            return _censored_unknown(
+                inputs, spec, [f for f, r in zip(values, results, strict=True) if r is None]
+            )
+        if aggregate in ("min", "max"):
+            numeric = [f for f in values if isinstance(f.value, int | float)] or values
+            chosen = (min if aggregate == "min" else max)(numeric, key=lambda f: float(f.value))
+        elif every:
+            chosen = next((f for f, r in zip(values, results, strict=True) if r is False), values[-1])
+        else:
+            chosen = next(
+                (f for f, r in zip(reversed(values), reversed(results), strict=True) if r), values[-1]
+            )
+    else:
+        chosen = values[-1]
+        if chosen.value == INCONCLUSIVE:
+            # A coded result that decides nothing (an equivocal hCG): the clinician is asked.
+            return RuleResult(CONFIRM, (_fact_evidence(inputs, chosen, "inconclusive: "),), (), "")
+        ok = test(chosen)
+        if ok is None:
+            return _censored_unknown(inputs, spec, [chosen])
     return RuleResult(
         MET if ok else NOT_MET,
         (_fact_evidence(inputs, chosen, verdict=_verdict(inputs, spec, ok)),),
@@ -196,8 +315,12 @@ def _persistent(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
             tuple(_fact_evidence(inputs, f) for f in values),
             (f"{count} values of {_missing(inputs, spec)}, at least {spec['min_interval']} apart{have}",),
         )
-    run = persistent(values, _comparator(spec), parse_duration(spec["min_interval"]), count)
+    test = _fact_test(spec)
+    run = persistent(values, test, parse_duration(spec["min_interval"]), count, spec.get("current", True))
     if run is None:
+        undecided = _undecidable(values, test)
+        if undecided:
+            return _censored_unknown(inputs, spec, undecided)
         return RuleResult(NOT_MET, (_fact_evidence(inputs, values[-1], "latest "),))
     evidence = tuple(_fact_evidence(inputs, f) for f in run)
     if spec.get("trend"):
@@ -219,14 +342,14 @@ def held_until_now(values: list[ObservationFact], at: float) -> list[Observation
 
 
 def current_run(
-    values: list[ObservationFact], compare: Callable[[Any], bool], at: float, max_gap: float
+    values: list[ObservationFact], compare: FactTest, at: float, max_gap: float
 ) -> tuple[ObservationFact, ObservationFact] | None:
     """The run of values beyond the threshold that is still going on at ``at`` (first, last)."""
-    if not values or not compare(values[-1].value) or at - values[-1].time > max_gap:
+    if not values or compare(values[-1]) is not True or at - values[-1].time > max_gap:
         return None
     first = values[-1]
     for fact in reversed(values[:-1]):
-        if not compare(fact.value) or first.time - fact.time > max_gap:
+        if compare(fact) is not True or first.time - fact.time > max_gap:
             break
         first = fact
     return first, values[-1]
@@ -239,6 +362,7 @@ def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     needed = parse_duration(spec["for_more_than"])
     max_gap = parse_duration(spec["max_gap"])
     compare = _comparator(spec)
+    test = _fact_test(spec)
     scalar = inputs.scalar(spec["input"])
     current_value = scalar.value if scalar is not None and scalar.status == "known" else None
     if not values and scalar is not None and current_value is not None and not compare(current_value):
@@ -250,12 +374,15 @@ def _sustained(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
             tuple(_fact_evidence(inputs, f) for f in values),
             (f"repeated {_missing(inputs, spec)} (over more than {spec['for_more_than']})",),
         )
-    ongoing = current_run(values, compare, inputs.at, max_gap)
+    ongoing = current_run(values, test, inputs.at, max_gap)
     if spec.get("current"):
         found = (ongoing[1].time - ongoing[0].time, ongoing) if ongoing is not None else None
     else:
-        found = sustained_run(values, compare, inputs.at, max_gap)
+        found = sustained_run(values, test, inputs.at, max_gap)
     if found is None:
+        undecided = _undecidable(values, test)
+        if undecided:
+            return _censored_unknown(inputs, spec, undecided)
         return RuleResult(NOT_MET, (_fact_evidence(inputs, values[-1], "latest "),))
     duration, (first, last) = found
     threshold = _threshold_text(inputs, spec)
@@ -285,6 +412,8 @@ def _established(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
         return RuleResult(UNKNOWN, (), (_label(inputs, spec["input"]),))
     if derived.status == "known":
         return RuleResult(MET, derived.evidence, (), _label(inputs, spec["input"]))
+    if derived.status == CONFIRM_STATUS:
+        return RuleResult(CONFIRM, derived.evidence, (), "")
     if derived.status == "absent":
         return RuleResult(NOT_MET, derived.evidence)
     return RuleResult(UNKNOWN, derived.evidence, (derived.missing or _label(inputs, spec["input"]),))
@@ -313,24 +442,65 @@ def _time_since(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
     return RuleResult(MET if ok else NOT_MET, evidence, (), summary, due)
 
 
+_ACTIVE = frozenset({"active", "recurrence", "relapse", ""})
+
+
+def _asks(inputs: ClinicalInputs, name: str, condition: ConditionFact) -> list[str]:
+    """Why a charted Condition of value set ``name`` only asks the clinician ([] = it decides)."""
+    reasons: list[str] = []
+    if name in condition.suggests:
+        reasons.append("the code only suggests it")
+    if not condition.clinical_status:
+        reasons.append("no clinical status")
+    if not condition.verification_status:
+        reasons.append("no verification status")
+    elif condition.verification_status != "confirmed":
+        reasons.append(f"verification {condition.verification_status}")
+    window = inputs.condition_windows.get(name)
+    if window is not None:
+        when = condition.onset if condition.onset is not None else condition.recorded
+        if when is None:
+            reasons.append("undated")
+        elif inputs.at - when > window:
+            reasons.append(f"dated more than {window / HOUR / 24:g} days ago")
+    return reasons
+
+
 def _condition(inputs: ClinicalInputs, spec: dict[str, Any]) -> RuleResult:
-    found = []
+    """A charted Condition decides only when its code means the value set, it is active and
+    confirmed, and it is recent enough (the value set's `current_within`); otherwise it asks."""
+    found: list[tuple[str, ConditionFact, list[str]]] = []
     for name in spec["value_sets"]:
         for condition in inputs.conditions.get(name, []):
-            if condition.clinical_status in {"active", "recurrence", "relapse", ""} and (
+            if condition.clinical_status in _ACTIVE and (
                 condition.onset is None or condition.onset <= inputs.at
             ):
-                found.append((name, condition))
+                found.append((name, condition, _asks(inputs, name, condition)))
     if found:
-        evidence = tuple(
-            Evidence(
-                f"{_value_set_label(inputs, name)} charted ({_code_shown(c.code)})", c.onset, (c.resource,)
+        found.sort(key=lambda item: bool(item[2]))  # the deciding ones first
+        decides = not found[0][2]
+        evidence = []
+        for name, c, reasons in found[:3]:
+            display = f" {c.display}" if c.display else ""
+            why = f" — to confirm: {', '.join(reasons)}" if reasons else ""
+            when = c.onset if c.onset is not None else c.recorded
+            evidence.append(
+                Evidence(
+                    f"{_value_set_label(inputs, name)} charted ({_code_shown(c.code)}{display}){why}",
+                    when,
+                    (c.resource,),
+                )
             )
-            for name, c in found[:3]
+        status = spec.get("if_present", MET) if decides else CONFIRM
+        return RuleResult(
+            status, tuple(evidence), (), _value_set_label(inputs, found[0][0]) if decides else ""
         )
-        return RuleResult(spec.get("if_present", MET), evidence, (), _value_set_label(inputs, found[0][0]))
-    absent = spec.get("if_absent", CONFIRM)
     names = ", ".join(_value_set_label(inputs, n) for n in spec["value_sets"])
+    if _unavailable(inputs, "conditions"):
+        return RuleResult(
+            UNKNOWN, (), (f"Conditions ({names}) — not available: prefetch null or not fetched",)
+        )
+    absent = spec.get("if_absent", CONFIRM)
     text = spec.get("absent_text") or f"none of: {names} (no matching Condition charted)"
     if absent == UNKNOWN:
         return RuleResult(UNKNOWN, (), (text,))

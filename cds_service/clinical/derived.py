@@ -62,6 +62,22 @@ DERIVED_SCHEMA: dict[str, Any] = {
         },
     },
     "map_derivation": {"type": "dict", "schema": {"source": {"type": "string"}}},
+    "body_weight": {
+        "type": "dict",
+        "required": True,
+        "schema": {
+            "max_age_hours": {"type": "number", "min": 0, "required": True},
+            "source": {"type": "string", "required": True, "empty": False},
+        },
+    },
+    "norepinephrine_start": {
+        "type": "dict",
+        "required": True,
+        "schema": {
+            "drugs": {"type": "list", "schema": {"type": "string"}, "required": True, "minlength": 1},
+            "source": {"type": "string", "required": True, "empty": False},
+        },
+    },
 }
 
 
@@ -98,6 +114,8 @@ class ClinicalInputs:
     facts: PatientFacts
     labels: dict[str, str] = field(default_factory=dict)  # short clinical labels for cards ("ANC")
     units: dict[str, str] = field(default_factory=dict)  # units as shown on cards ("× 10⁹/L")
+    #: value set → how recent a charted Condition must be to decide (seconds; None = any age).
+    condition_windows: dict[str, float | None] = field(default_factory=dict)
 
     def scalar(self, name: str) -> Derived | None:
         return self.scalars.get(name)
@@ -126,11 +144,38 @@ def latest(
     return None
 
 
-def body_weight(facts: PatientFacts, at: float) -> Derived:
+#: How old a body weight may be to convert a dose, when derived.yaml is not given (tests).
+DEFAULT_WEIGHT_MAX_AGE_HOURS = 168.0
+_WEIGHT_CODES = "LOINC 29463-7, 3141-9 or 8335-2"
+
+
+def body_weight(
+    facts: PatientFacts, at: float, max_age_hours: float = DEFAULT_WEIGHT_MAX_AGE_HOURS
+) -> Derived:
+    """The newest body weight of any weight code at or before ``at``, if at most ``max_age_hours`` old.
+
+    An older one is not used (unknown, with the old weight shown): see mappings/derived.yaml."""
     fact = latest(facts.series("body_weight"), at)
     if fact is None:
-        return Derived(None, "unknown", missing="body weight (LOINC 29463-7)")
-    return Derived(fact.value, "known", (Evidence(f"weight {fact.value:g} kg", fact.time, (fact.resource,)),))
+        missing = f"body weight ({_WEIGHT_CODES})"
+        if "body_weight" in facts.unavailable:
+            missing += " — not available (prefetch null)"
+        return Derived(None, "unknown", missing=missing)
+    code = fact.code.rsplit("|", 1)[-1]
+    note = f" ({fact.note})" if fact.note else ""
+    shown = Evidence(f"weight {float(fact.value):g} kg, LOINC {code}{note}", fact.time, (fact.resource,))
+    if at - fact.time > max_age_hours * HOUR:
+        days = (at - fact.time) / HOUR / 24
+        old = Evidence(
+            f"latest weight {float(fact.value):g} kg (LOINC {code}) is {days:.0f} days old, "
+            f"older than {max_age_hours:g} h: not used",
+            fact.time,
+            (fact.resource,),
+        )
+        return Derived(
+            None, "unknown", (old,), f"a current body weight ({_WEIGHT_CODES}, last {max_age_hours:g} h)"
+        )
+    return Derived(fact.value, "known", (shown,))
 
 
 # -- vasoactive-inotropic score -------------------------------------------------------------------
@@ -144,6 +189,7 @@ class _Segment(NamedTuple):
     rate_unit: str
     resource: str
     matched_by: str
+    rate_note: str = ""
 
 
 _RUNNING = float("inf")
@@ -207,25 +253,41 @@ def _infusion_segments(
                 drug_segments[-1] = previous._replace(end=until)
                 continue
             drug_segments.append(
-                _Segment(drug, time, until, winner.rate, winner.rate_unit, winner.resource, winner.matched_by)
+                _Segment(
+                    drug,
+                    time,
+                    until,
+                    winner.rate,
+                    winner.rate_unit,
+                    winner.resource,
+                    winner.matched_by,
+                    winner.rate_note,
+                )
             )
         segments.extend(drug_segments)
     return segments
 
 
-def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[list[ObservationFact], Derived]:
+def vis_series(
+    facts: PatientFacts, knowledge: Knowledge, at: float, weight: Derived | None = None
+) -> tuple[list[ObservationFact], Derived]:
     """VIS as a step series (one point per change) and a summary Derived for the current value.
 
     When any dose in the look-back window cannot be computed (no rate, an unconvertible unit, or a
     per-minute rate with no body weight), the VIS is unknown and the series empty: a partial series
-    would let a criterion read a gap as "no infusion".
+    would let a criterion read a gap as "no infusion". With no administrations to read (prefetch
+    null) it is unknown too, never 0.
     """
     vis_drugs = {name: drug for name, drug in knowledge.drugs.items() if drug.vis_coefficient is not None}
     segments = _infusion_segments(facts.administrations, set(vis_drugs), at)
     if not segments:
+        if "administrations" in facts.unavailable:
+            return [], Derived(
+                None, "unknown", (), "MedicationAdministrations (not available: prefetch null or not fetched)"
+            )
         summary = Derived(0.0, "known", (Evidence("no vasoactive infusion running in the look-back window"),))
         return [], summary
-    weight = body_weight(facts, at)
+    weight = weight if weight is not None else body_weight(facts, at)
     change_times = sorted({s.start for s in segments} | {s.end for s in segments if s.end is not None})
     points: list[ObservationFact] = []
     used_weight = False
@@ -240,11 +302,16 @@ def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[li
             used_weight = used_weight or per_kg
             if dose is None:
                 rate = f"{segment.rate:g} {segment.rate_unit}" if segment.rate is not None else "no rate"
-                evidence = (Evidence(f"{segment.drug} infusion, {rate}", segment.start, (segment.resource,)),)
+                how = f" ({segment.rate_note})" if segment.rate_note else ""
+                evidence = (
+                    Evidence(f"{segment.drug} infusion, {rate}{how}", segment.start, (segment.resource,)),
+                    *(weight.evidence if per_kg else ()),
+                )
                 return [], Derived(None, "unknown", evidence, why)
             total += drug.vis_coefficient * dose  # type: ignore[operator]
             text_note = " (matched by medication text)" if segment.matched_by == "text" else ""
-            parts.append(f"{segment.drug} {dose:.3g} {drug.dose_unit}{text_note}")
+            arithmetic = _arithmetic(segment, dose, drug.dose_unit, per_kg, weight)
+            parts.append(f"{segment.drug} {dose:.3g} {drug.dose_unit}{arithmetic}{text_note}")
             resources.append(segment.resource)
         note = " + ".join(parts) if parts else "no vasoactive infusion running"
         points.append(ObservationFact("vis", time, total, "", ",".join(resources), "derived:vis", note))
@@ -261,23 +328,31 @@ def vis_series(facts: PatientFacts, knowledge: Knowledge, at: float) -> tuple[li
     return points, Derived(current.value, "known", tuple(evidence))
 
 
+def _arithmetic(segment: _Segment, dose: float, dose_unit: str, per_kg: bool, weight: Derived) -> str:
+    """How a dose was obtained, for the evidence: "(15 mL/h × 16 mg/250 mL = 0.96 mg/h ÷ 80 kg)"."""
+    steps = [segment.rate_note] if segment.rate_note else []
+    if per_kg and weight.value:
+        if not steps:
+            steps.append(f"{segment.rate:g} {segment.rate_unit}")
+        steps.append(f"÷ {float(weight.value):g} kg")
+    return f" ({' '.join(steps)})" if steps else ""
+
+
 def _dose(
     segment: _Segment, dose_unit: str, knowledge: Knowledge, weight: Derived
 ) -> tuple[float | None, str, bool]:
     """(dose in the drug's VIS unit, why not, whether the body weight was used)."""
     if segment.rate is None:
-        return None, f"{segment.drug} infusion rate not charted ({segment.resource})", False
+        why = segment.rate_note or f"infusion rate not charted ({segment.resource})"
+        return None, f"{segment.drug}: {why}", False
     conversion = knowledge.rate_conversion(segment.rate_unit)
     if conversion is None or conversion.to != dose_unit:
         return None, f"{segment.drug} rate unit {segment.rate_unit!r} not convertible to {dose_unit}", False
     dose = segment.rate * conversion.factor
     if conversion.per_kg:
         if weight.status != "known" or not weight.value:
-            return (
-                None,
-                f"body weight (LOINC 29463-7), needed to convert {segment.drug} {segment.rate_unit}",
-                True,
-            )
+            needed = weight.missing or f"body weight ({_WEIGHT_CODES})"
+            return None, f"{needed}, needed to convert {segment.drug} {segment.rate_unit}", True
         dose /= float(weight.value)
     return dose, "", conversion.per_kg
 
@@ -285,6 +360,13 @@ def _dose(
 # -- septic-shock onset ---------------------------------------------------------------------------
 
 _ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse", ""})
+#: Derived.status of a value a clinician must confirm (a candidate septic-shock onset).
+CONFIRM_STATUS = "confirm"
+_UNAVAILABLE_TEXT = {
+    "administrations": "MedicationAdministrations",
+    "lactate": "lactates",
+    "conditions": "Conditions",
+}
 
 
 def _started(record: AdministrationFact) -> Evidence:
@@ -429,16 +511,27 @@ def septic_shock_onset(
         return Derived(onset, "known", tuple(evidence))
 
     if charted_onset is not None:
+        # Sepsis-3 is not shown by the chart (no vasopressor with a lactate > 2 around it): the charted
+        # diagnosis gives a candidate onset the clinician confirms (issue 14), never a "known" one.
         evidence = [
             Evidence(
-                "onset taken from the charted septic-shock diagnosis (no qualifying vasopressor episode)",
+                "candidate onset from the charted septic-shock diagnosis: the chart does not show Sepsis-3 "
+                f"(no vasopressor infusion with a lactate > {threshold:g} mmol/L around its start)",
                 charted_onset,
                 tuple(c.resource for c in charted),
             )
         ]
         if lactate_normal:
-            evidence.append(Evidence(f"but lactate ≤ {threshold:g} mmol/L around the vasopressor start"))
-        return Derived(charted_onset, "known", tuple(evidence))
+            evidence.append(Evidence(f"lactate ≤ {threshold:g} mmol/L around the vasopressor start"))
+            evidence.extend(lactate_normal)
+        elif not episodes:
+            evidence.append(Evidence("no vasopressor infusion in the look-back window"))
+        return Derived(
+            charted_onset,
+            CONFIRM_STATUS,
+            tuple(evidence),
+            "clinician confirmation of septic shock and its onset (Sepsis-3 not shown by the chart)",
+        )
     if no_infection is not None:
         # Vasopressor + high lactate but no infection diagnosis charted around it: the onset time is
         # usable, septic shock itself needs the clinician (or a charted diagnosis).
@@ -457,6 +550,12 @@ def septic_shock_onset(
         )
     if charted:
         return Derived(None, "unknown", charted_evidence, "the septic-shock onset time (vasopressor start)")
+    unavailable = sorted(facts.unavailable & {"administrations", "conditions"})
+    if unavailable and not episodes:
+        # No data is no "no": with the administrations (or lactates / diagnoses) not available, the
+        # onset cannot be ruled out (issue 14, null prefetch keys).
+        names = ", ".join(_UNAVAILABLE_TEXT.get(name, name) for name in unavailable)
+        return Derived(None, "unknown", (), f"{names} (not available: prefetch null or not fetched)")
     if not episodes:
         return Derived(None, "absent", (Evidence("no vasopressor infusion in the look-back window"),))
     return Derived(
@@ -471,6 +570,39 @@ def septic_shock_onset(
     )
 
 
+def drug_start(
+    facts: PatientFacts, params: dict[str, Any], onset: Derived, episode_gap_hours: float, at: float
+) -> Derived:
+    """The first start of one of ``params["drugs"]`` in the septic-shock episode: from
+    ``episode_gap_hours`` before the onset on (the whole look-back when the onset is not known).
+
+    A window anchor (I-MICRO: "after norepinephrine onset"). When it differs from the septic-shock
+    onset the evidence shows both times (issue 14)."""
+    drugs = set(params["drugs"])
+    since = float(onset.value) - episode_gap_hours * HOUR if onset.value is not None else float("-inf")
+    records = [a for a in facts.administrations if a.drug in drugs and not a.bolus and since <= a.start <= at]
+    names = " or ".join(sorted(drugs))
+    if not records:
+        reason = (
+            " — MedicationAdministrations not available" if "administrations" in facts.unavailable else ""
+        )
+        evidence = (Evidence(f"no {names} infusion in the septic-shock episode"),) if not reason else ()
+        return Derived(None, "unknown", evidence, f"the {names} start (the window is timed from it){reason}")
+    first = min(records, key=lambda a: a.start)
+    evidence = [_started(first)]
+    if onset.value is not None and abs(float(onset.value) - first.start) >= 60:
+        onset_time = float(onset.value)
+        hours = abs(first.start - onset_time) / HOUR
+        side = "earlier" if onset_time < first.start else "later"
+        evidence.append(
+            Evidence(
+                f"septic-shock onset {format_time(onset_time)}, {hours:.1f} h {side}: the window runs "
+                f"from the {first.drug} start ({params.get('source', '')})",
+            )
+        )
+    return Derived(first.start, "known", tuple(evidence))
+
+
 # -- series rules used by the criteria language ---------------------------------------------------
 
 
@@ -479,15 +611,31 @@ def in_window(series: Sequence[ObservationFact], at: float, within: float | None
     return [f for f in series if start <= f.time <= at]
 
 
+#: A three-valued test of one fact against a threshold: True, False, or None when a censored value
+#: (comparator) cannot be decided.
+FactTest = Callable[[ObservationFact], "bool | None"]
+
+
 def persistent(
-    series: Sequence[ObservationFact], compare: Callable[[Any], bool], min_interval: float, count: int = 2
+    series: Sequence[ObservationFact],
+    compare: FactTest,
+    min_interval: float,
+    count: int = 2,
+    current: bool = True,
 ) -> tuple[ObservationFact, ...] | None:
     """The latest run of ``count`` consecutive values all beyond the threshold, each pair at least
-    ``min_interval`` seconds apart (values closer than that are skipped over, not counted)."""
+    ``min_interval`` seconds apart (values closer than that are skipped over, not counted).
+
+    Persistence means "still true now" (``current``, the default): a value after the run that is not
+    beyond the threshold — or cannot be decided — breaks it, so only the run reaching the latest value
+    counts. With ``current=False`` an earlier run counts too (the latest such run is returned)."""
+    if current:
+        breaks = [index for index, fact in enumerate(series) if compare(fact) is not True]
+        series = series[breaks[-1] + 1 :] if breaks else series
     best: tuple[ObservationFact, ...] | None = None
     run: list[ObservationFact] = []
     for fact in series:
-        if not compare(fact.value):
+        if compare(fact) is not True:
             run = []
             continue
         if run and fact.time - run[-1].time < min_interval:
@@ -509,7 +657,7 @@ def trend_holds(values: Sequence[ObservationFact], direction: str) -> bool:
 
 
 def sustained_run(
-    series: Sequence[ObservationFact], compare: Callable[[Any], bool], at: float, max_gap: float
+    series: Sequence[ObservationFact], compare: FactTest, at: float, max_gap: float
 ) -> tuple[float, tuple[ObservationFact, ...]] | None:
     """The longest run of consecutive values beyond the threshold (gaps > max_gap break it).
 
@@ -521,14 +669,10 @@ def sustained_run(
     for fact in series:
         if fact.time > at:
             break
-        if (
-            compare(fact.value)
-            and run_start is not None
-            and previous is not None
-            and fact.time - previous.time <= max_gap
-        ):
+        beyond = compare(fact) is True
+        if beyond and run_start is not None and previous is not None and fact.time - previous.time <= max_gap:
             previous = fact
-        elif compare(fact.value):
+        elif beyond:
             run_start = previous = fact
         else:
             run_start = previous = None
@@ -552,8 +696,19 @@ def derive_inputs(
 ) -> ClinicalInputs:
     """Compute every derived input once; criteria then only look things up."""
     series = {name: values for name, values in facts.observations.items()}
-    vis_points, vis_now = vis_series(facts, knowledge, at)
+    weight_params = params.get("body_weight") or {}
+    weight = body_weight(facts, at, float(weight_params.get("max_age_hours", DEFAULT_WEIGHT_MAX_AGE_HOURS)))
+    vis_points, vis_now = vis_series(facts, knowledge, at, weight)
     series["vis"] = vis_points
+    onset_params = params["septic_shock_onset"]
+    onset = septic_shock_onset(facts, knowledge, onset_params, at)
+    norepinephrine = drug_start(
+        facts,
+        params.get("norepinephrine_start") or {"drugs": ["norepinephrine"]},
+        onset,
+        float(onset_params["episode_gap_hours"]),
+        at,
+    )
     conditions: dict[str, list[ConditionFact]] = {}
     for condition in facts.conditions:
         for name in condition.value_sets:
@@ -563,15 +718,25 @@ def derive_inputs(
         "sex": Derived(facts.gender, "known", (Evidence(f"sex {facts.gender}"),))
         if facts.gender
         else Derived(None, "unknown", missing="administrative sex (Patient.gender)"),
-        "body_weight": body_weight(facts, at),
+        "body_weight": weight,
         "vis": vis_now,
-        "septic_shock_onset": septic_shock_onset(facts, knowledge, params["septic_shock_onset"], at),
+        "septic_shock_onset": onset,
+        "norepinephrine_start": norepinephrine,
     }
     labels = {name: item.label for name, item in knowledge.inputs.items()}
-    labels.update({"vis": "VIS", "age_years": "age", "septic_shock_onset": "septic shock", "sex": "sex"})
+    labels.update(
+        {
+            "vis": "VIS",
+            "age_years": "age",
+            "septic_shock_onset": "septic shock",
+            "sex": "sex",
+            "norepinephrine_start": "norepinephrine start",
+        }
+    )
     # Condition value sets by their description, without its parenthesis ("HIV disease / AIDS").
     labels.update(
         {f"value_set:{name}": vs.description.split(" (")[0] for name, vs in knowledge.value_sets.items()}
     )
     units = {name: item.display_unit for name, item in knowledge.inputs.items()}
-    return ClinicalInputs(at, series, scalars, conditions, facts, labels, units)
+    windows = {name: value_set.current_within for name, value_set in knowledge.value_sets.items()}
+    return ClinicalInputs(at, series, scalars, conditions, facts, labels, units, windows)

@@ -73,9 +73,13 @@ class TrialResult:
     status: str
     at: float
     results: tuple[CriterionResult, ...]
-    onset: Derived
+    onset: Derived  # the septic-shock onset (shown on every card)
     window_opens_at: float | None
     window_closes_at: float | None
+    #: What the window is timed from (the trial's `enrollment_window.anchor`): the septic-shock
+    #: onset, or e.g. the norepinephrine start for I-MICRO.
+    anchor: Derived | None = None
+    anchor_name: str = "septic_shock_onset"
 
     @property
     def shows_card(self) -> bool:
@@ -139,6 +143,7 @@ def _window(trial: Trial, anchor: Derived, results: tuple[CriterionResult, ...])
 def evaluate_trial(trial: Trial, inputs: ClinicalInputs) -> TrialResult:
     results = tuple(evaluate_criterion(c, inputs) for c in trial.criteria)
     anchor = inputs.scalar(trial.window_anchor) or Derived(None, "unknown")
+    onset = inputs.scalar("septic_shock_onset") or anchor
     opens, closes = _window(trial, anchor, results)
     if any(r.blocks and not r.pending and not r.closes for r in results):
         status = NOT_ELIGIBLE
@@ -148,8 +153,10 @@ def evaluate_trial(trial: Trial, inputs: ClinicalInputs) -> TrialResult:
         status = NOT_ELIGIBLE  # the clocks say the window would close before it opens
     elif any(r.pending for r in results) or (opens is not None and inputs.at < opens):
         status = UPCOMING
-    elif any(r.status == UNKNOWN for r in results):
+    elif any(r.status == UNKNOWN for r in results) or anchor.value is None:
+        # With no time to anchor the window (no norepinephrine start yet charted), the window is
+        # unknown: never "eligible".
         status = POSSIBLY
     else:
         status = ELIGIBLE
-    return TrialResult(trial, status, inputs.at, results, anchor, opens, closes)
+    return TrialResult(trial, status, inputs.at, results, onset, opens, closes, anchor, trial.window_anchor)

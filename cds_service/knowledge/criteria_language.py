@@ -80,18 +80,30 @@ _THRESHOLD = {
     "within": _DURATION_FIELD,
 }
 
+_REASON = {"type": "string", "empty": False}
 RULE_SCHEMAS: dict[str, dict[str, Any]] = {
     "value": {
         **_THRESHOLD,
+        # Why a value this old still decides (required with `within`: recency for every decision).
+        "within_source": _REASON,
         "aggregate": {"type": "string", "allowed": ["latest", "min", "max", "any", "all"]},
-        # An optional alternative measure: when never charted, `not_met` instead of asking for it.
+        # An optional alternative measure: when never charted, `not_met` instead of asking for it
+        # (then `absent_reason` says why absence may count as "not met").
         "if_missing": {"type": "string", "allowed": [UNKNOWN, NOT_MET]},
+        # Only an older value than `within`: `confirm` shows it and asks (default: unknown).
+        "if_stale": {"type": "string", "allowed": [UNKNOWN, CONFIRM]},
+        "absent_reason": _REASON,
     },
     "persistent": {
         **_THRESHOLD,
+        "within_source": _REASON,
         "count": {"type": "integer", "min": 2},
         "min_interval": {**_DURATION_FIELD, "required": True},
         "trend": {"type": "string", "allowed": ["non_decreasing", "non_increasing"]},
+        # Persistence means "still true now" (default): a later value not beyond the threshold
+        # breaks the run. `current: false` accepts an earlier run; `current_reason` says why.
+        "current": {"type": "boolean"},
+        "current_reason": _REASON,
     },
     "sustained": {
         **_THRESHOLD,
@@ -111,8 +123,12 @@ RULE_SCHEMAS: dict[str, dict[str, Any]] = {
         # A charted code that suggests but does not prove the criterion (severity not coded …).
         "if_present": {"type": "string", "allowed": [MET, CONFIRM]},
         "absent_text": {"type": "string"},
+        # Required with `if_absent: not_met`: the clinical reason why no charted code may count as "no".
+        "absent_reason": _REASON,
     },
 }
+#: The outcome label of a coded input (pregnancy test) that decides nothing: the clinician is asked.
+INCONCLUSIVE = "inconclusive"
 COMBINATORS = ("all_of", "any_of", "not")
 RULE_KINDS = (*RULE_SCHEMAS, *COMBINATORS)
 
@@ -136,6 +152,30 @@ def rule_value_sets(rule: dict[str, Any]) -> set[str]:
     return set(spec.get("value_sets", ()))
 
 
+def absence_rules(rule: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The parts of a rule whose missing data counts as "not met" ((kind, spec) pairs)."""
+    ((kind, spec),) = rule.items()
+    if kind in ("all_of", "any_of"):
+        return [found for inner in spec for found in absence_rules(inner)]
+    if kind == "not":
+        return absence_rules(spec)
+    if (kind == "condition" and spec.get("if_absent") == NOT_MET) or (
+        kind == "value" and spec.get("if_missing") == NOT_MET
+    ):
+        return [(kind, spec)]
+    return []
+
+
+def walk_rules(rule: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every leaf of a rule as (kind, spec)."""
+    ((kind, spec),) = rule.items()
+    if kind in ("all_of", "any_of"):
+        return [found for inner in spec for found in walk_rules(inner)]
+    if kind == "not":
+        return walk_rules(spec)
+    return [(kind, spec)]
+
+
 def rule_can_confirm(rule: dict[str, Any]) -> bool:
     """True when the rule may hand the decision to a clinician (a condition with a confirm option)."""
     ((kind, spec),) = rule.items()
@@ -143,7 +183,10 @@ def rule_can_confirm(rule: dict[str, Any]) -> bool:
         return any(rule_can_confirm(r) for r in spec)
     if kind == "not":
         return rule_can_confirm(spec)
-    return kind == "condition" and CONFIRM in (spec.get("if_absent", CONFIRM), spec.get("if_present", MET))
+    if kind == "value":
+        return spec.get("if_stale") == CONFIRM
+    # A charted code that only suggests the value set, or an unconfirmed one, asks too.
+    return kind == "condition"
 
 
 _OP_TEXT = {"<=": "≤", ">=": "≥", "==": "=", "!=": "≠"}
@@ -166,12 +209,14 @@ def describe_rule(rule: dict[str, Any], labels: dict[str, str] | None = None) ->
     if kind == "value":
         aggregate = f"{_AGGREGATE_TEXT[spec['aggregate']]} " if spec.get("aggregate") else ""
         optional = " (if charted)" if spec.get("if_missing") == NOT_MET else ""
-        return f"{aggregate}{name} {compared}{within}{optional}"
+        stale = "; an older one: clinician confirms" if spec.get("if_stale") == CONFIRM else ""
+        return f"{aggregate}{name} {compared}{within}{optional}{stale}"
     if kind == "persistent":
         trend = f", trend {spec['trend'].replace('_', '-')}" if spec.get("trend") else ""
+        now = "" if spec.get("current", True) else " (an earlier run counts)"
         return (
             f"{spec.get('count', 2)} consecutive {name} {compared} at least {spec['min_interval']} apart"
-            f"{within}{trend}"
+            f"{within}{trend}, the latest still beyond it{now}"
         )
     if kind == "sustained":
         now = ", still going on" if spec.get("current") else ""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.datafiles import DataFileError, DataFileProblem, LoadedFile, load_and_validate, load_yaml
+from .criteria_language import parse_duration
 
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -40,6 +41,39 @@ _CODE_ROW = {
         "match": {"type": "string", "allowed": ["exact", "prefix"], "default": "exact"},
         "kind": {"type": "string"},
         "note": {"type": "string"},
+        # A coded input (pregnancy test) read from a quantitative result: bands of the value, in
+        # `unit` (after unit conversion), give the label; between the bands the result is `otherwise`.
+        "interpret": {
+            "type": "dict",
+            "schema": {
+                "unit": {"type": "string", "required": True},
+                "bands": {
+                    "type": "list",
+                    "required": True,
+                    "schema": {
+                        "type": "dict",
+                        "schema": {
+                            "label": {"type": "string", "required": True},
+                            "below": {"type": "number"},
+                            "at_least": {"type": "number"},
+                        },
+                    },
+                },
+                "otherwise": {"type": "string", "required": True},
+                "source": {"type": "string", "required": True, "empty": False},
+            },
+        },
+    },
+}
+#: A condition code row says what the code means for its value set: `means` (the code is the
+#: condition: a criterion on it may decide) or `suggests` (it only points at it: the clinician
+#: confirms), and why — every row, so the audit is in the file.
+_CONDITION_ROW = {
+    "type": "dict",
+    "schema": {
+        **_CODE_ROW["schema"],
+        "meaning": {"type": "string", "allowed": ["means", "suggests"], "required": True},
+        "why": {"type": "string", "required": True, "empty": False},
     },
 }
 
@@ -145,7 +179,11 @@ CONDITIONS_SCHEMA: dict[str, Any] = {
             "type": "dict",
             "schema": {
                 "description": {"type": "string", "required": True},
-                "codes": {"type": "list", "schema": _CODE_ROW, "required": True},
+                # A charted Condition decides only when its onset (else recorded date) lies within
+                # this long before the evaluation time; an older or undated one asks the clinician.
+                "current_within": {"type": ["string", "number"]},
+                "current_source": {"type": "string", "empty": False, "dependencies": "current_within"},
+                "codes": {"type": "list", "schema": _CONDITION_ROW, "required": True},
             },
         },
     },
@@ -165,6 +203,29 @@ UNITS_SCHEMA: dict[str, Any] = {
                 "factor": {"type": "number", "required": True, "excludes": "divide_by"},
                 "divide_by": {"type": "number", "required": True, "excludes": "factor", "min": 1e-12},
                 "inputs": {"type": "list", "schema": {"type": "string"}},
+                "source": {"type": "string", "required": True},
+            },
+        },
+    },
+    "volume_rates": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "from": {"type": "string", "required": True},
+                "volume": {"type": "string", "required": True},
+                "per": {"type": "string", "allowed": ["h", "min"], "required": True},
+                "source": {"type": "string", "required": True},
+            },
+        },
+    },
+    "volumes": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "from": {"type": "string", "required": True},
+                "ml": {"type": "number", "min": 0, "required": True},
                 "source": {"type": "string", "required": True},
             },
         },
@@ -194,10 +255,39 @@ class CodeRow:
     confidence: str
     units: tuple[str, ...] = ()
     match: str = "exact"
+    meaning: str = "means"  # condition rows: "means" or "suggests"
+    why: str = ""
+    interpret: Interpretation | None = None
 
     @property
     def key(self) -> str:
         return f"{self.system}|{self.code}"
+
+
+@dataclass(frozen=True)
+class Interpretation:
+    """Bands that turn a quantitative result into a coded label (serum hCG → positive / negative)."""
+
+    unit: str
+    bands: tuple[tuple[str, float | None, float | None], ...]  # (label, at_least, below)
+    otherwise: str
+    source: str
+
+    def label(self, value: float) -> str:
+        for label, at_least, below in self.bands:
+            if (at_least is None or value >= at_least) and (below is None or value < below):
+                return label
+        return self.otherwise
+
+    def describe(self, label: str) -> str:
+        for name, at_least, below in self.bands:
+            if name == label:
+                bounds = [
+                    f"≥ {at_least:g}" if at_least is not None else "",
+                    f"< {below:g}" if below is not None else "",
+                ]
+                return " and ".join(b for b in bounds if b)
+        return "between the bands"
 
 
 @dataclass(frozen=True)
@@ -243,6 +333,8 @@ class ValueSet:
     name: str
     description: str
     codes: tuple[CodeRow, ...]
+    current_within: float | None = None  # seconds; None: any age decides
+    current_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -285,21 +377,25 @@ class Knowledge:
     rate_conversions: dict[str, RateConversion]
     system_aliases: dict[str, str]
     files: list[str]
+    volume_rates: dict[str, str] = field(default_factory=dict)  # pump-rate unit → "h" | "min"
+    volumes_ml: dict[str, float] = field(default_factory=dict)  # volume unit → millilitres
     # indexes
     observation_codes: dict[str, ObservationInput] = field(default_factory=dict)
+    observation_rows: dict[str, CodeRow] = field(default_factory=dict)  # code key → its row
     # code key → the UCUM units (aliases resolved) a value of that code is accepted in; empty = any
     # unit that converts to the input's canonical unit.
     observation_units: dict[str, frozenset[str]] = field(default_factory=dict)
     drug_codes: dict[str, Drug] = field(default_factory=dict)
     drug_text: list[tuple[re.Pattern[str], Drug]] = field(default_factory=list)
-    condition_exact: dict[str, frozenset[str]] = field(default_factory=dict)
-    condition_prefix: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    condition_exact: dict[str, dict[str, CodeRow]] = field(default_factory=dict)
+    condition_prefix: dict[str, list[tuple[str, str, CodeRow]]] = field(default_factory=dict)
     coded_value_index: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for item in self.inputs.values():
             for row in item.codes:
                 self.observation_codes[row.key] = item
+                self.observation_rows[row.key] = row
                 self.observation_units[row.key] = frozenset(
                     self.unit_aliases.get(normalise_unit(unit), normalise_unit(unit)) for unit in row.units
                 )
@@ -311,29 +407,36 @@ class Knowledge:
                 self.drug_codes[row.key] = drug
             for pattern in drug.text_patterns:
                 self.drug_text.append((re.compile(rf"\b{re.escape(pattern)}\b", re.IGNORECASE), drug))
-        exact: dict[str, set[str]] = {}
         for value_set in self.value_sets.values():
             for row in value_set.codes:
                 if row.match == "prefix":
                     self.condition_prefix.setdefault(row.system, []).append(
-                        (_icd_key(row.code), value_set.name)
+                        (_icd_key(row.code), value_set.name, row)
                     )
                 else:
-                    exact.setdefault(row.key, set()).add(value_set.name)
-        self.condition_exact = {key: frozenset(names) for key, names in exact.items()}
+                    self.condition_exact.setdefault(row.key, {})[value_set.name] = row
+        for rows in self.condition_prefix.values():
+            rows.sort(key=lambda item: -len(item[0]))  # the most specific prefix first
 
     # -- look-ups used in the hot path -------------------------------------------------------------
     def canonical_system(self, system: str) -> str:
         return self.system_aliases.get(system, system)
 
     def condition_value_sets(self, system: str, code: str) -> frozenset[str]:
+        return frozenset(self.condition_matches(system, code))
+
+    def condition_matches(self, system: str, code: str) -> dict[str, CodeRow]:
+        """Value set → the code row a Condition code matches in it: an exact row, else the most
+        specific (longest) prefix row — so I21.A1 (type 2 MI) meets its own row, not I21's."""
         system = self.canonical_system(system)
-        found = set(self.condition_exact.get(f"{system}|{code}", ()))
+        found = dict(self.condition_exact.get(f"{system}|{code}", {}))
         prefixes = self.condition_prefix.get(system)
         if prefixes:
             key = _icd_key(code)
-            found.update(name for prefix, name in prefixes if key.startswith(prefix))
-        return frozenset(found)
+            for prefix, name, row in prefixes:
+                if name not in found and key.startswith(prefix):
+                    found[name] = row
+        return found
 
     def drug_for(self, system: str, code: str) -> Drug | None:
         return self.drug_codes.get(f"{system}|{code}")
@@ -350,13 +453,16 @@ class Knowledge:
 
     def conversion(self, input_name: str, unit: str) -> Conversion | None:
         """How to bring a value charted in ``unit`` to the input's canonical unit (None: unusable)."""
-        canonical = self.inputs[input_name].canonical_unit
+        return self.conversion_to(input_name, unit, self.inputs[input_name].canonical_unit)
+
+    def conversion_to(self, input_name: str, unit: str, target: str) -> Conversion | None:
+        """How to bring a value of ``input_name`` charted in ``unit`` to ``target`` (None: cannot)."""
         unit = self.canonical_unit_code(unit)
-        if unit == canonical:
-            return Conversion(canonical, 1.0, "canonical unit")
+        if unit == target:
+            return Conversion(target, 1.0, "canonical unit")
         found = self.conversions.get((input_name, unit)) or self.conversions.get((None, unit))
         # A general conversion (e.g. /uL → 10*9/L) must not apply to an input in another unit.
-        return found if found is not None and found.to == canonical else None
+        return found if found is not None and found.to == target else None
 
     def accepts_unit(self, code_key: str, unit: str) -> bool:
         """Whether a value of this code may be charted in ``unit`` (the code row's ``units`` list)."""
@@ -365,6 +471,13 @@ class Knowledge:
 
     def rate_conversion(self, unit: str) -> RateConversion | None:
         return self.rate_conversions.get(self.canonical_unit_code(unit))
+
+    def volume_rate(self, unit: str) -> str | None:
+        """ "h" / "min" when ``unit`` is a pump rate (mL/h, mL/min), else None."""
+        return self.volume_rates.get(self.canonical_unit_code(unit))
+
+    def volume_ml(self, unit: str) -> float | None:
+        return self.volumes_ml.get(self.canonical_unit_code(unit))
 
     # -- what the criteria need ---------------------------------------------------------------------
     def observation_query_codes(self, input_names: set[str], query: str) -> list[str]:
@@ -383,6 +496,17 @@ class Knowledge:
         return sorted(set(codes))
 
 
+def _interpretation(raw: dict[str, Any] | None) -> Interpretation | None:
+    if not raw:
+        return None
+    return Interpretation(
+        raw["unit"],
+        tuple((band["label"], band.get("at_least"), band.get("below")) for band in raw["bands"]),
+        raw["otherwise"],
+        raw["source"],
+    )
+
+
 def _rows(raw_rows: list[dict[str, Any]]) -> tuple[CodeRow, ...]:
     return tuple(
         CodeRow(
@@ -393,6 +517,9 @@ def _rows(raw_rows: list[dict[str, Any]]) -> tuple[CodeRow, ...]:
             confidence=row["confidence"],
             units=tuple(row.get("units", ())),
             match=row.get("match", "exact"),
+            meaning=row.get("meaning", "means"),
+            why=row.get("why", ""),
+            interpret=_interpretation(row.get("interpret")),
         )
         for row in raw_rows
     )
@@ -565,11 +692,22 @@ def load_knowledge(data_dir: Path) -> Knowledge:
         )
         for name, raw in meds["drugs"].items()
     }
-    _, conds = loaded["conditions.yaml"]
-    value_sets = {
-        name: ValueSet(name, raw["description"], _rows(raw["codes"]))
-        for name, raw in conds["value_sets"].items()
-    }
+    cond_file, conds = loaded["conditions.yaml"]
+    value_sets: dict[str, ValueSet] = {}
+    for name, raw in conds["value_sets"].items():
+        within = None
+        if raw.get("current_within") is not None:
+            try:
+                within = parse_duration(raw["current_within"])
+            except ValueError as exc:
+                problems.append(cond_file.problem(("value_sets", name, "current_within"), str(exc)))
+            if not raw.get("current_source"):
+                problems.append(
+                    cond_file.problem(("value_sets", name), "current_within needs current_source (why)")
+                )
+        value_sets[name] = ValueSet(
+            name, raw["description"], _rows(raw["codes"]), within, raw.get("current_source", "")
+        )
     units_file, units = loaded["units.yaml"]
     conversions: dict[tuple[str | None, str], Conversion] = {}
     for index, raw in enumerate(units.get("conversions") or []):
@@ -586,6 +724,8 @@ def load_knowledge(data_dir: Path) -> Knowledge:
         for raw in units.get("rate_conversions") or []
     }
     aliases = dict(units.get("aliases") or {})
+    volume_rates = {raw["from"]: raw["per"] for raw in units.get("volume_rates") or []}
+    volumes_ml = {raw["from"]: float(raw["ml"]) for raw in units.get("volumes") or []}
 
     knowledge = Knowledge(
         inputs=inputs,
@@ -597,11 +737,25 @@ def load_knowledge(data_dir: Path) -> Knowledge:
         rate_conversions=rate_conversions,
         system_aliases=dict(conds.get("system_aliases") or {}),
         files=[str(loaded[name][0].path) for name in loaded],
+        volume_rates=volume_rates,
+        volumes_ml=volumes_ml,
     )
     # Cross-checks: every accepted unit must be canonical or convertible, so no value is used blindly.
     for name, item in inputs.items():
         for index, row in enumerate(item.codes):
             for unit in row.units:
+                if (
+                    row.interpret is not None
+                    and knowledge.conversion_to(name, unit, row.interpret.unit) is None
+                ):
+                    where, path = row_origin[(name, index)]
+                    problems.append(
+                        where.problem(
+                            (*path, "units"),
+                            f"unit {unit!r} is not convertible to the interpretation unit "
+                            f"{row.interpret.unit!r} by units.yaml",
+                        )
+                    )
                 if item.value_type == "quantity" and knowledge.conversion(name, unit) is None:
                     where, path = row_origin[(name, index)]
                     problems.append(

@@ -18,6 +18,7 @@ from .criteria_language import (
     COMBINATORS,
     CONFIRM,
     RULE_SCHEMAS,
+    absence_rules,
     parse_duration,
     rule_can_confirm,
     rule_inputs,
@@ -25,11 +26,12 @@ from .criteria_language import (
 from .mappings import Knowledge
 
 #: Inputs computed in derived.py (besides every observation input of the mappings).
-DERIVED_INPUTS = {"age_years", "sex", "body_weight", "vis", "septic_shock_onset"}
+DERIVED_INPUTS = {"age_years", "sex", "body_weight", "vis", "septic_shock_onset", "norepinephrine_start"}
 #: What each derived input needs fetched: observation inputs, and whether administrations/conditions.
 DERIVED_NEEDS: dict[str, set[str]] = {
     "vis": {"body_weight"},
     "septic_shock_onset": {"lactate"},
+    "norepinephrine_start": {"lactate"},
 }
 
 _CRITERION = {
@@ -224,6 +226,29 @@ def _check_rule(
                 f"{name} is compared in its canonical unit "
                 f"{knowledge.inputs[name].canonical_unit!r}, not {spec['unit']!r}",
             )
+        )
+    where = (*path, kind)
+    if kind == "value" and name in knowledge.inputs and spec.get("within") is None:
+        problems.append(
+            loaded.problem(
+                where,
+                f"a value of {name} decides only while recent enough: give `within` (and `within_source`)",
+            )
+        )
+    if kind in ("value", "persistent") and spec.get("within") is not None and not spec.get("within_source"):
+        problems.append(
+            loaded.problem((*where, "within_source"), "say why this window (the source of the choice)")
+        )
+    if (kind, spec) in absence_rules({kind: spec}) and not spec.get("absent_reason"):
+        problems.append(
+            loaded.problem(
+                (*where, "absent_reason"),
+                'missing data counts as "not met" here: give the one-line clinical reason',
+            )
+        )
+    if kind == "persistent" and spec.get("current") is False and not spec.get("current_reason"):
+        problems.append(
+            loaded.problem((*where, "current_reason"), "an earlier run counts here: say why (current: false)")
         )
     for value_set in spec.get("value_sets", ()):
         if value_set not in knowledge.value_sets:

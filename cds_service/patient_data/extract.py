@@ -59,6 +59,7 @@ class _Extractor:
         self._unknown_keys: dict[tuple[Any, Any], str] = {}  # (system, code) → unknown_codes key
         self._texts: dict[str, Any] = {}  # medication text → Drug | None
         self._notes: dict[tuple[str, float, float], str] = {}  # panel code, S, D → derived-mean note
+        self.medications: dict[str, dict[str, Any]] = {}  # "Medication/<id>" → the resource
 
     # -- values -----------------------------------------------------------------------------------
     def _convert(self, input_name: str, code: str, unit: str) -> tuple[Conversion, str] | str:
@@ -119,11 +120,22 @@ class _Extractor:
             conversion_note = f"converted from {value:g} {charted_unit}"
             note = f"{note}; {conversion_note}" if note else conversion_note
         comparator = quantity.get("comparator")
-        if comparator:
-            # "<0.1" is used as 0.1: right for the thresholds the trials use (ANC ≤ 1, platelets < 30,
-            # lactate > 2 with ">20"), and the note keeps the censoring visible on the card.
+        if isinstance(comparator, str) and comparator:
+            # A censored value ("<0.1", ">20") is a bound, not the value: the comparator travels with
+            # it and the criteria compare it three-valued ("> 3" meets "> 3"; "< 5" against "> 3" is
+            # unknown). The note keeps the censoring visible on the card.
             charted = f"charted as {comparator}{value:g}"
             note = f"{note}; {charted}" if note else charted
+            return ObservationFact(
+                input_name,
+                time,
+                conversion.apply(float(value)),
+                item.canonical_unit,
+                ref,
+                code,
+                note,
+                comparator.strip(),
+            )
         return ObservationFact(
             input_name, time, conversion.apply(float(value)), item.canonical_unit, ref, code, note
         )
@@ -148,8 +160,50 @@ class _Extractor:
             label = index.get(token.strip().lower())
             if label:
                 return ObservationFact(input_name, time, label, "", ref, code, "")
+        row = self.k.observation_rows.get(code)
+        if row is not None and row.interpret is not None and isinstance(holder.get("valueQuantity"), dict):
+            return self._interpreted_fact(input_name, row.interpret, holder["valueQuantity"], time, ref, code)
         self.facts.unusable.append(UnusableValue(input_name, ref, code, "coded value not recognised"))
         return None
+
+    def _interpreted_fact(
+        self, input_name: str, interpret: Any, quantity: dict[str, Any], time: float, ref: str, code: str
+    ) -> ObservationFact | None:
+        """A quantitative result read as a coded label through its bands (serum hCG → positive)."""
+        value = quantity.get("value")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            self.facts.unusable.append(UnusableValue(input_name, ref, code, "no numeric value"))
+            return None
+        unit = _unit_of(quantity)
+        conversion = (
+            self.k.conversion_to(input_name, unit, interpret.unit)
+            if self.k.accepts_unit(code, unit)
+            else None
+        )
+        if conversion is None:
+            self.facts.unusable.append(UnusableValue(input_name, ref, code, f"unit {unit!r} not usable"))
+            return None
+        amount = conversion.apply(float(value))
+        comparator = quantity.get("comparator") if isinstance(quantity.get("comparator"), str) else ""
+        label = interpret.label(amount)
+        if comparator:
+            # "< 2" is negative whatever the true value; "> 1000" positive; otherwise it decides nothing.
+            # The bands rise with the value (negative, then positive): the ends of the censored
+            # range tell whether every value it allows gets the same label.
+            nudge = 1e-9 * max(1.0, abs(amount))  # a strict bound excludes its own value
+            if comparator in ("<", "<="):
+                ends = (
+                    interpret.label(0.0),
+                    interpret.label(amount - nudge if comparator == "<" else amount),
+                )
+            else:
+                start = interpret.label(amount + nudge if comparator == ">" else amount)
+                ends = (start, interpret.label(max(amount, 1.0) * 1e9))
+            label = ends[0] if ends[0] == ends[1] else "inconclusive"
+        shown = f"{comparator}{value:g} {unit}".strip()
+        band = interpret.describe(label)
+        note = f"quantitative {shown}: {label}" + (f" ({band})" if band else "")
+        return ObservationFact(input_name, time, label, "", ref, code, note)
 
     # -- resources --------------------------------------------------------------------------------
     def _time(self, text: Any) -> float | None:
@@ -197,7 +251,7 @@ class _Extractor:
         converted = self._conversion_cache.get((code, unit)) or self._convert(item.name, code, unit)
         if type(converted) is not tuple or converted[1]:  # not usable, or needs converting
             return None
-        fact = (item.name, time, float(value), item.canonical_unit, ref, code, note)
+        fact = (item.name, time, float(value), item.canonical_unit, ref, code, note, "")
         return _new_fact(ObservationFact, fact)  # type: ignore[no-any-return]
 
     def observation(self, resource: dict[str, Any]) -> None:
@@ -292,7 +346,7 @@ class _Extractor:
         if status in _IGNORED_ADMINISTRATION_STATUS:
             return
         ref = f"MedicationAdministration/{resource.get('id', '?')}"
-        drug, code, matched_by = self._drug(resource)
+        drug, code, matched_by, medication = self._drug(resource)
         if drug is None:
             return
         period = resource.get("effectivePeriod")
@@ -304,13 +358,53 @@ class _Extractor:
             self.facts.skipped["MedicationAdministration"] += 1
             return
         dosage = resource.get("dosage")
-        rate, rate_unit = _rate(dosage)
+        rate, rate_unit, rate_note = self._rate(dosage, drug, medication)
         # A dose with no rate given at one moment is a bolus (push-dose phenylephrine, epinephrine
         # in cardiac arrest): it is no vasopressor requirement and does not enter the VIS.
-        bolus = rate is None and end == start and isinstance(dosage, dict) and "dose" in dosage
-        self.facts.administrations.append(
-            AdministrationFact(drug.name, start, end, rate, rate_unit, ref, code, matched_by, status, bolus)
+        bolus = (
+            rate is None and not rate_note and end == start and isinstance(dosage, dict) and "dose" in dosage
         )
+        self.facts.administrations.append(
+            AdministrationFact(
+                drug.name, start, end, rate, rate_unit, ref, code, matched_by, status, bolus, rate_note
+            )
+        )
+
+    def _rate(
+        self, dosage: Any, drug: Any, medication: dict[str, Any] | None
+    ) -> tuple[float | None, str, str]:
+        """(dose rate, its unit, how it was obtained) from the shapes EHRs chart infusions in:
+
+        - ``dosage.rateQuantity`` / ``rateRatio`` in a dose-rate unit (ug/kg/min, mg/h, U/min …);
+        - ``dosage.dose`` in a dose-rate unit ("0.2 ug/kg/min"), whatever pump rate is beside it;
+        - a pump rate in mL/h × the strength of the Medication it names (16 mg / 250 mL).
+        With no dose to be had, rate None and the note says why (the VIS is then unknown)."""
+        if not isinstance(dosage, dict):
+            return None, "", ""
+        rate, unit = _rate(dosage)
+        if rate is not None and self.k.rate_conversion(unit) is not None:
+            return rate, unit, ""
+        dose = dosage.get("dose")
+        if isinstance(dose, dict) and isinstance(dose.get("value"), int | float):
+            dose_unit = _unit_of(dose)
+            if self.k.rate_conversion(dose_unit) is not None:
+                pump = f", pump {rate:g} {unit}" if rate is not None else ""
+                return float(dose["value"]), dose_unit, f"dose charted in dosage.dose{pump}"
+        if rate is None:
+            return None, "", ""
+        per = self.k.volume_rate(unit)
+        if per is None:
+            return rate, unit, ""  # an unknown rate unit: derived.py says it is not convertible
+        strength = _strength(medication, drug, self.k)
+        if isinstance(strength, str):
+            return None, "", f"pump rate {rate:g} {unit}, but {strength}"
+        amount, amount_unit, volume_ml, shown = strength
+        dose_rate = rate * amount / volume_ml
+        dose_unit = f"{amount_unit}/{per}"
+        note = f"{rate:g} {unit} × {shown} = {dose_rate:.3g} {dose_unit}"
+        if self.k.rate_conversion(dose_unit) is None:
+            return None, "", f"{note}, a unit with no conversion"
+        return dose_rate, dose_unit, note
 
     def _drug_for_text(self, text: str) -> Any:
         """``knowledge.drug_for_text`` memoised per text (a drug chart repeats the same few texts)."""
@@ -318,20 +412,32 @@ class _Extractor:
             self._texts[text] = self.k.drug_for_text(text)
         return self._texts[text]
 
-    def _drug(self, resource: dict[str, Any]) -> tuple[Any, str, str]:
+    def _medication(self, resource: dict[str, Any]) -> dict[str, Any] | None:
+        """The Medication an administration names: contained (``#id``), or in the same data (Bundle,
+        prefetch, fetched from the FHIR server) by ``Medication/<id>`` or full URL."""
+        reference = (resource.get("medicationReference") or {}).get("reference", "")
+        if not isinstance(reference, str) or not reference:
+            return None
+        if reference.startswith("#"):
+            for contained in resource.get("contained") or ():
+                if isinstance(contained, dict) and contained.get("id") == reference[1:]:
+                    return contained
+            return None
+        return self.medications.get(medication_key(reference))
+
+    def _drug(self, resource: dict[str, Any]) -> tuple[Any, str, str, dict[str, Any] | None]:
+        medication = self._medication(resource)
         concept = resource.get("medicationCodeableConcept")
         if not isinstance(concept, dict):
-            reference = (resource.get("medicationReference") or {}).get("reference", "")
-            contained = {c.get("id"): c for c in resource.get("contained") or () if isinstance(c, dict)}
-            concept = (contained.get(reference[1:]) or {}).get("code") if reference.startswith("#") else None
+            concept = (medication or {}).get("code")
             if not isinstance(concept, dict):
                 self.facts.unknown_codes["MedicationAdministration medicationReference (not resolvable)"] += 1
-                return None, "", ""
+                return None, "", "", None
         codings = [c for c in concept.get("coding") or () if isinstance(c, dict)]
         for coding in codings:
             drug = self.k.drug_for(str(coding.get("system")), str(coding.get("code")))
             if drug is not None:
-                return drug, f"{coding.get('system')}|{coding.get('code')}", "code"
+                return drug, f"{coding.get('system')}|{coding.get('code')}", "code", medication
         texts = [concept.get("text")] + [c.get("display") for c in codings]
         for text in texts:
             if isinstance(text, str) and (drug := self._drug_for_text(text)) is not None:
@@ -340,12 +446,12 @@ class _Extractor:
                 self.facts.unknown_codes[
                     f"MedicationAdministration {code} (matched {drug.name} by text)"
                 ] += 1
-                return drug, code, "text"
+                return drug, code, "text", medication
         for coding in codings or [{"system": None, "code": concept.get("text")}]:
             self.facts.unknown_codes[
                 f"MedicationAdministration {coding.get('system')}|{coding.get('code')}"
             ] += 1
-        return None, "", ""
+        return None, "", "", None
 
     def condition(self, resource: dict[str, Any]) -> None:
         verification = _status_code(resource.get("verificationStatus"))
@@ -356,12 +462,19 @@ class _Extractor:
             self.facts.skipped["Condition"] += 1
             return
         value_sets: set[str] = set()
-        matched_code = ""
+        suggests: set[str] = set()
+        decisive: set[str] = set()
+        matched_code = display = ""
         for coding in codings:
-            found = self.k.condition_value_sets(str(coding.get("system")), str(coding.get("code")))
+            found = self.k.condition_matches(str(coding.get("system")), str(coding.get("code")))
             if found:
-                value_sets |= found
-                matched_code = matched_code or f"{coding.get('system')}|{coding.get('code')}"
+                value_sets |= set(found)
+                for name, row in found.items():
+                    (suggests if row.meaning == "suggests" else decisive).add(name)
+                if not matched_code:
+                    matched_code = f"{coding.get('system')}|{coding.get('code')}"
+                    shown = coding.get("display")
+                    display = shown if isinstance(shown, str) else ""
         if not value_sets:
             for coding in codings:
                 self.facts.unknown_codes[f"Condition {coding.get('system')}|{coding.get('code')}"] += 1
@@ -372,10 +485,14 @@ class _Extractor:
                 frozenset(value_sets),
                 onset,
                 parse_time(resource.get("recordedDate")),
-                _status_code(resource.get("clinicalStatus")) or "active",
+                # No clinicalStatus is kept as "" (not read as active): the criteria then ask.
+                _status_code(resource.get("clinicalStatus")),
                 verification or "",
                 f"Condition/{resource.get('id', '?')}",
                 matched_code,
+                # A coding that means the value set outweighs another coding that only suggests it.
+                frozenset(suggests - decisive),
+                display,
             )
         )
 
@@ -410,6 +527,51 @@ def _rate(dosage: Any) -> tuple[float | None, str]:
     return None, ""
 
 
+def medication_key(reference: str) -> str:
+    """ "Medication/<id>" of a reference ("Medication/1", "https://…/fhir/Medication/1/_history/2")."""
+    parts = reference.split("/")
+    for index in range(len(parts) - 2, -1, -1):
+        if parts[index] == "Medication":
+            return f"Medication/{parts[index + 1]}"
+    return reference
+
+
+def _strength(
+    medication: dict[str, Any] | None, drug: Any, knowledge: Knowledge
+) -> tuple[float, str, float, str] | str:
+    """(amount, its unit, per millilitres, as shown) of the drug in the bag — or why not."""
+    if medication is None:
+        return "the Medication it names (the bag strength) is not available"
+    ingredients = [i for i in medication.get("ingredient") or () if isinstance(i, dict) and i.get("strength")]
+    chosen = None
+    for ingredient in ingredients:
+        concept = ingredient.get("itemCodeableConcept") or {}
+        codings = [c for c in concept.get("coding") or () if isinstance(c, dict)]
+        texts = [concept.get("text"), *(c.get("display") for c in codings)]
+        if any(knowledge.drug_for(str(c.get("system")), str(c.get("code"))) is drug for c in codings) or any(
+            isinstance(t, str) and knowledge.drug_for_text(t) is drug for t in texts
+        ):
+            chosen = ingredient
+            break
+    if chosen is None and len(ingredients) == 1:
+        chosen = ingredients[0]
+    where = f"Medication/{medication.get('id', '?')}"
+    if chosen is None:
+        return f"{where} charts no strength for {drug.name} (ingredient.strength)"
+    ratio = chosen["strength"]
+    numerator, denominator = ratio.get("numerator") or {}, ratio.get("denominator") or {}
+    amount, volume = numerator.get("value"), denominator.get("value", 1)
+    if not isinstance(amount, int | float) or not isinstance(volume, int | float) or not volume:
+        return f"{where} strength is not a number per volume"
+    amount_unit = knowledge.canonical_unit_code(_unit_of(numerator))
+    volume_unit = _unit_of(denominator)
+    ml = knowledge.volume_ml(volume_unit)
+    if ml is None:
+        return f"{where} strength is per {volume_unit or 'no unit'}, not per volume"
+    shown = f"{amount:g} {amount_unit}/{volume:g} {volume_unit}"
+    return float(amount), amount_unit, float(volume) * ml, shown
+
+
 def read_patient(resource: dict[str, Any] | None, facts: PatientFacts) -> None:
     """Validate the Patient with fhir.resources (small: full validation is cheap) and keep what we use."""
     if not isinstance(resource, dict):
@@ -441,6 +603,11 @@ def extract(
     facts = PatientFacts(patient_id=patient_id)
     read_patient(patient, facts)
     extractor = _Extractor(knowledge, facts)
+    resources = list(resources)
+    # Medications first: an administration may name one anywhere in the data (pump rate × strength).
+    for resource in resources:
+        if isinstance(resource, dict) and resource.get("resourceType") == "Medication":
+            extractor.medications[f"Medication/{resource.get('id')}"] = resource
     handlers = {
         "Observation": extractor.observation,
         "MedicationAdministration": extractor.administration,

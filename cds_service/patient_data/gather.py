@@ -21,10 +21,14 @@ from urllib.parse import quote
 from ..base.errors import HookError
 from ..knowledge.mappings import Knowledge
 from ..knowledge.trials import Trial
+from .extract import medication_key
 from .fhir_client import DataUnavailable, FhirClient
 from .hook_request import HookRequest
 
 PATIENT_TOKEN = "{{context.patientId}}"
+MEDICATION_INCLUDE = "MedicationAdministration:medication"
+#: At most this many referenced Medications are fetched by id for one hook (one bounded query).
+MAX_MEDICATIONS = 50
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class PrefetchQuery:
     resource_type: str
     date_param: str | None  # search parameter that restricts to the look-back window when we fetch
     single_page: bool = False  # "the latest N" (_sort=-date&_count=N): never follow `next`
+    #: What the key delivers: observation input names, "administrations", "conditions", "patient".
+    #: When the key is null (or missing with no fhirServer), these are unavailable: unknown, not "no".
+    delivers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,19 @@ def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: in
     for trial in trials:
         needed |= trial.inputs()
     observation_inputs = {name for name in needed if name in knowledge.inputs}
-    queries = [PrefetchQuery("patient", f"Patient/{PATIENT_TOKEN}", "Patient", None)]
+    queries = [
+        PrefetchQuery("patient", f"Patient/{PATIENT_TOKEN}", "Patient", None, delivers=frozenset({"patient"}))
+    ]
     window_codes = knowledge.observation_query_codes(observation_inputs, "window")
+    window_inputs = frozenset(
+        name for name in observation_inputs if knowledge.inputs[name].query == "window"
+    ) | frozenset(
+        part
+        for panel in knowledge.panels.values()
+        if {panel.systolic, panel.diastolic, panel.mean_into} & observation_inputs
+        for part in (panel.systolic, panel.diastolic, panel.mean_into)
+        if part
+    )
     if window_codes:
         queries.append(
             PrefetchQuery(
@@ -66,6 +84,7 @@ def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: in
                 f"Observation?patient={PATIENT_TOKEN}&code={_codes(window_codes)}&_count={page_size}",
                 "Observation",
                 "date",
+                delivers=window_inputs,
             )
         )
     # Rarely charted inputs (weight, LVEF, pregnancy test): the latest few values whatever their age,
@@ -75,18 +94,29 @@ def build_prefetch_plan(knowledge: Knowledge, trials: list[Trial], page_size: in
         if codes:
             key = "latest" + "".join(part.capitalize() for part in name.split("_"))
             template = f"Observation?patient={PATIENT_TOKEN}&code={_codes(codes)}&_sort=-date&_count=5"
-            queries.append(PrefetchQuery(key, template, "Observation", None, single_page=True))
+            queries.append(
+                PrefetchQuery(
+                    key, template, "Observation", None, single_page=True, delivers=frozenset({name})
+                )
+            )
+    # The Medications the administrations name come along (_include): an infusion charted as a pump
+    # rate in mL/h needs the bag's strength. Ones still missing are fetched by id (fetch_medications).
     queries.append(
         PrefetchQuery(
             "medicationAdministrations",
-            f"MedicationAdministration?patient={PATIENT_TOKEN}&_count={page_size}",
+            f"MedicationAdministration?patient={PATIENT_TOKEN}&_include={MEDICATION_INCLUDE}&_count={page_size}",
             "MedicationAdministration",
             "effective-time",
+            delivers=frozenset({"administrations"}),
         )
     )
     queries.append(
         PrefetchQuery(
-            "conditions", f"Condition?patient={PATIENT_TOKEN}&_count={page_size}", "Condition", None
+            "conditions",
+            f"Condition?patient={PATIENT_TOKEN}&_count={page_size}",
+            "Condition",
+            None,
+            delivers=frozenset({"conditions"}),
         )
     )
     return PrefetchPlan(tuple(queries), frozenset(observation_inputs))
@@ -97,6 +127,8 @@ class RawPatientData:
     patient: dict[str, Any] | None
     resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     fetched: list[str] = field(default_factory=list)  # keys we had to fetch ourselves
+    #: Keys whose data could not be had: sent as null, or missing with no fhirServer to fetch from.
+    unavailable: set[str] = field(default_factory=set)
 
     def all_resources(self) -> list[dict[str, Any]]:
         return [resource for values in self.resources.values() for resource in values]
@@ -156,7 +188,10 @@ def gather(
         if query.key in prefetch:
             value = prefetch[query.key]
             if value is None:
+                # The client says it has no data for this key: every criterion that depends on it
+                # is unknown, never "not met" (README, "Patient data").
                 data.resources[query.key] = []
+                data.unavailable.add(query.key)
                 continue
             if not isinstance(value, dict):
                 raise HookError(
@@ -189,10 +224,14 @@ def gather(
             url += f"&{query.date_param}=ge{_since(at, float(fhir['lookback_hours']))}"
         to_fetch[query.key] = url
     if (to_fetch or to_follow) and not request.fhir_server:
-        missing = ", ".join(sorted([*to_fetch, *to_follow]))
-        raise DataUnavailable(
-            f"prefetch incomplete ({missing}) and the request has no fhirServer to fetch from"
-        )
+        if len(to_fetch) == len(plan.queries):
+            raise DataUnavailable("no prefetch data and the request has no fhirServer to fetch from")
+        # Keys the client did not send, with no server to fetch them from: unknown, not "none".
+        data.unavailable.update(to_fetch)
+        for key, bundle in to_follow.items():  # the first page is all there is
+            data.resources[key] = _bundle_resources(bundle, key)
+            data.unavailable.add(key)
+        return data
     if to_fetch or to_follow:
         assert client is not None and request.fhir_server is not None
         client.check_server(request.fhir_server)
@@ -210,4 +249,62 @@ def gather(
                 request.fhir_server, request.access_token, bundle, deadline
             )
         data.fetched = sorted([*to_fetch, *to_follow])
+    if request.fhir_server and client is not None:
+        fetch_medications(request, client, data, deadline)
     return data
+
+
+def _missing_medications(data: RawPatientData) -> list[str]:
+    """Ids of Medications that administrations name but the data does not hold (not contained)."""
+    have = {
+        f"Medication/{r.get('id')}"
+        for values in data.resources.values()
+        for r in values
+        if isinstance(r, dict) and r.get("resourceType") == "Medication"
+    }
+    wanted: list[str] = []
+    for values in data.resources.values():
+        for resource in values:
+            if not isinstance(resource, dict) or resource.get("resourceType") != "MedicationAdministration":
+                continue
+            if isinstance(resource.get("medicationCodeableConcept"), dict) and not _needs_strength(resource):
+                continue
+            reference = (resource.get("medicationReference") or {}).get("reference")
+            if not isinstance(reference, str) or reference.startswith("#") or "Medication/" not in reference:
+                continue
+            key = medication_key(reference)
+            if key not in have and key not in wanted:
+                wanted.append(key)
+    return [key.split("/", 1)[1] for key in wanted[:MAX_MEDICATIONS]]
+
+
+def _needs_strength(resource: dict[str, Any]) -> bool:
+    """A pump rate with no dose in a dose unit: the Medication's strength is needed."""
+    dosage = resource.get("dosage")
+    return isinstance(dosage, dict) and ("rateQuantity" in dosage or "rateRatio" in dosage)
+
+
+def fetch_medications(
+    request: HookRequest, client: FhirClient, data: RawPatientData, deadline: float
+) -> None:
+    """Fetch, in one bounded query within the hook's deadline, the Medications that administrations
+    reference but neither prefetch nor ``_include`` brought (a server that ignores ``_include``).
+
+    A failure leaves them unresolved: the VIS says it lacks the bag strength (unknown), rather than
+    the whole hook failing for one drug's concentration."""
+    ids = _missing_medications(data)
+    if not ids or request.fhir_server is None:
+        return
+    query = f"Medication?_id={','.join(quote(i, safe='') for i in ids)}&_count={len(ids)}"
+    try:
+        found = client.search_many(
+            request.fhir_server,
+            request.access_token,
+            {"medications": query},
+            deadline,
+            single_page={"medications"},
+        )
+    except DataUnavailable:
+        return
+    data.resources["medications"] = found.get("medications", [])
+    data.fetched = sorted({*data.fetched, "medications"})

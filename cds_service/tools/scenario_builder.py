@@ -44,6 +44,8 @@ class PatientBuilder:
         self.at = at
         self.resources: list[dict[str, Any]] = []
         self._counter = 0
+        self._last_administration: dict[str, Any] = {}
+        self._pending_contained: dict[str, Any] = {}
         patient: dict[str, Any] = {
             "resourceType": "Patient",
             "id": patient_id,
@@ -81,6 +83,7 @@ class PatientBuilder:
         ucum: bool = True,
         value_codeable: tuple[str, str] | None = None,
         time_zone: str | None = None,
+        comparator: str | None = None,
     ) -> dict[str, Any]:
         resource: dict[str, Any] = {
             "resourceType": "Observation",
@@ -97,6 +100,8 @@ class PatientBuilder:
             }
         elif value is not None:
             quantity: dict[str, Any] = {"value": value, "unit": unit}
+            if comparator:
+                quantity["comparator"] = comparator
             if ucum:
                 quantity.update({"system": UCUM, "code": unit})
             resource["valueQuantity"] = quantity
@@ -147,8 +152,8 @@ class PatientBuilder:
             }
         )
 
-    def weight(self, kg: float, hours: float = 48, unit: str = "kg") -> None:
-        self.observation("29463-7", kg, unit, hours, display="Body weight", category="vital-signs")
+    def weight(self, kg: float, hours: float = 48, unit: str = "kg", code: str = "29463-7") -> None:
+        self.observation(code, kg, unit, hours, display="Body weight", category="vital-signs")
 
     def map(self, mmhg: float, hours: float) -> None:
         self.observation(
@@ -178,8 +183,14 @@ class PatientBuilder:
         *,
         status: str | None = None,
         text_only: bool = False,
+        dose: tuple[float, str] | None = None,
+        medication: str | None = None,
     ) -> None:
-        """A vasoactive infusion from ``start`` hours ago to ``end`` hours ago (None: still running)."""
+        """A vasoactive infusion from ``start`` hours ago to ``end`` hours ago (None: still running).
+
+        ``rate`` / ``unit`` go to ``dosage.rateQuantity`` (a dose rate, or a pump rate in mL/h);
+        ``dose`` to ``dosage.dose`` (e.g. (0.2, "ug/kg/min")); ``medication`` names a Medication by
+        reference ("#id" contained, or "Medication/id") instead of ``medicationCodeableConcept``."""
         period: dict[str, str] = {"start": self.time(start)}
         if end is not None:
             period["end"] = self.time(end)
@@ -190,16 +201,67 @@ class PatientBuilder:
             "resourceType": "MedicationAdministration",
             "id": self._id("med"),
             "status": status or ("in-progress" if end is None else "completed"),
-            "medicationCodeableConcept": concept,
             "subject": {"reference": f"Patient/{self.patient_id}"},
             "effectivePeriod": period,
         }
-        if rate is not None:
-            resource["dosage"] = {
-                "route": {"text": "intravenous"},
-                "rateQuantity": {"value": rate, "unit": unit, "system": UCUM, "code": unit},
-            }
+        if medication is None:
+            resource["medicationCodeableConcept"] = concept
+        else:
+            resource["medicationReference"] = {"reference": medication, "display": display}
+        if rate is not None or dose is not None:
+            dosage: dict[str, Any] = {"route": {"text": "intravenous"}}
+            if dose is not None:
+                dosage["dose"] = {"value": dose[0], "unit": dose[1], "system": UCUM, "code": dose[1]}
+            if rate is not None:
+                dosage["rateQuantity"] = {"value": rate, "unit": unit, "system": UCUM, "code": unit}
+            resource["dosage"] = dosage
         self.resources.append(resource)
+        self._last_administration = resource
+
+    def medication(
+        self,
+        code: str,
+        display: str,
+        amount: tuple[float, str] | None,
+        volume_ml: float = 250,
+        *,
+        contained: bool = False,
+    ) -> str:
+        """A Medication (a bag: ``amount`` of the drug in ``volume_ml`` mL); returns the reference to
+        use. ``contained``: put it inside the next administration (call before :meth:`infusion`,
+        then :meth:`contain`); otherwise it is a resource of its own in the Bundle."""
+        medication: dict[str, Any] = {
+            "resourceType": "Medication",
+            "id": self._id("bag") if not contained else f"bag{self._counter + 1}",
+            "code": {"coding": [{"system": RXNORM, "code": code, "display": display}], "text": display},
+        }
+        if contained:
+            self._counter += 1
+        if amount is not None:
+            medication["ingredient"] = [
+                {
+                    "itemCodeableConcept": {"coding": [{"system": RXNORM, "code": code, "display": display}]},
+                    "isActive": True,
+                    "strength": {
+                        "numerator": {
+                            "value": amount[0],
+                            "unit": amount[1],
+                            "system": UCUM,
+                            "code": amount[1],
+                        },
+                        "denominator": {"value": volume_ml, "unit": "mL", "system": UCUM, "code": "mL"},
+                    },
+                }
+            ]
+        if contained:
+            self._pending_contained = medication
+            return f"#{medication['id']}"
+        self.resources.append(medication)
+        return f"Medication/{medication['id']}"
+
+    def contain(self) -> None:
+        """Put the Medication made with ``contained=True`` inside the last administration."""
+        self._last_administration["contained"] = [self._pending_contained]
 
     def norepinephrine(
         self,
@@ -219,31 +281,31 @@ class PatientBuilder:
         code: str,
         display: str,
         onset_hours: float | None,
-        clinical_status: str = "active",
-        verification: str = "confirmed",
+        clinical_status: str | None = "active",
+        verification: str | None = "confirmed",
     ) -> None:
-        resource: dict[str, Any] = {
-            "resourceType": "Condition",
-            "id": self._id("cond"),
-            "clinicalStatus": {
+        """A Condition; ``None`` statuses leave the element out (common in real charts)."""
+        resource: dict[str, Any] = {"resourceType": "Condition", "id": self._id("cond")}
+        if clinical_status is not None:
+            resource["clinicalStatus"] = {
                 "coding": [
                     {
                         "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                         "code": clinical_status,
                     }
                 ]
-            },
-            "verificationStatus": {
+            }
+        if verification is not None:
+            resource["verificationStatus"] = {
                 "coding": [
                     {
                         "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
                         "code": verification,
                     }
                 ]
-            },
-            "code": {"coding": [{"system": system, "code": code, "display": display}]},
-            "subject": {"reference": f"Patient/{self.patient_id}"},
-        }
+            }
+        resource["code"] = {"coding": [{"system": system, "code": code, "display": display}]}
+        resource["subject"] = {"reference": f"Patient/{self.patient_id}"}
         if onset_hours is not None:
             resource["onsetDateTime"] = self.time(onset_hours)
         self.resources.append(resource)
@@ -305,11 +367,19 @@ class PatientBuilder:
             if "_sort" in params and "_count" in params:  # "the latest N"
                 matches = sorted(matches, key=lambda r: r.get("effectiveDateTime", ""), reverse=True)
                 matches = matches[: int(params["_count"])]
+            entries = [{"resource": r, "search": {"mode": "match"}} for r in matches]
+            if params.get("_include") == "MedicationAdministration:medication":
+                named = {(r.get("medicationReference") or {}).get("reference") for r in matches}
+                entries += [
+                    {"resource": r, "search": {"mode": "include"}}
+                    for r in self.resources
+                    if r["resourceType"] == "Medication" and f"Medication/{r['id']}" in named
+                ]
             filled[key] = {
                 "resourceType": "Bundle",
                 "type": "searchset",
                 "total": len(matches),
-                "entry": [{"resource": r, "search": {"mode": "match"}} for r in matches],
+                "entry": entries,
             }
         return filled
 

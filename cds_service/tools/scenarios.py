@@ -678,8 +678,433 @@ def all_scenarios(at: datetime) -> list[Scenario]:
         _expect("eligible", "eligible", "not_eligible"),
         b,
     )
+    out.extend(_real_chart_scenarios(at))
     names = [s.patient_id for s in out]
     assert len(names) == len(set(names)), "scenario patient ids must be unique"
+    return out
+
+
+# -- issue 14: real charts, real candidates -----------------------------------------------------------
+
+#: Per infusion: (RxNorm, display, dose µg/kg/min, mg in a 250 mL bag) — norepinephrine 0.9 and
+#: epinephrine 0.4 µg/kg/min at 80 kg: VIS 130.
+_HIGH_DOSE = (("7512", "norepinephrine", 0.9, 16.0), ("3992", "epinephrine", 0.4, 4.0))
+
+
+def _ecmo_charted_as(b: PatientBuilder, shape: str, onset: float = 8.0, high: float = 7.5) -> None:
+    """Refractory septic shock as in ``_ecmo_base`` (VIS 130, MAP 58, LVEF 25 %), but the high-dose
+    infusions charted in one of the shapes EHRs send:
+
+    - ``dose``: the weight-based dose in ``dosage.dose`` (µg/kg/min), the pump rate in mL/h beside it;
+    - ``pump-contained``: the pump rate in mL/h alone, the bag (16 mg / 250 mL) a contained Medication;
+    - ``pump-referenced``: the same, the bag a Medication resource of its own (``Medication/id``);
+    - ``pump-no-strength``: the pump rate alone, and the Medication charts no strength."""
+    weight = 80.0
+    _septic_shock(b, onset, rate=0.3, until=high, weight=weight)
+    for code, display, dose, bag_mg in _HIGH_DOSE:
+        ml_per_h = round(dose * weight * 60 / (bag_mg * 1000 / 250), 3)
+        if shape == "dose":
+            b.infusion(code, display, ml_per_h, "mL/h", start=high, dose=(dose, "ug/kg/min"))
+        elif shape == "pump-contained":
+            reference = b.medication(code, display, (bag_mg, "mg"), contained=True)
+            b.infusion(code, display, ml_per_h, "mL/h", start=high, medication=reference)
+            b.contain()
+        else:
+            amount = (bag_mg, "mg") if shape == "pump-referenced" else None
+            reference = b.medication(code, f"{display} {bag_mg:g} mg in 250 mL", amount)
+            b.infusion(code, display, ml_per_h, "mL/h", start=high, medication=reference)
+    _hourly(b, high, lambda h: b.map(58, hours=h))
+    _lvef(b, 25, hours=2)
+    b.anc(7.8, hours=3)
+    _platelets(b, 95, hours=3)
+    _mottling(b, 4, hours=1)
+
+
+def _serum_hcg(b: PatientBuilder, value: float, hours: float, comparator: str | None = None) -> None:
+    b.observation(
+        "19080-1",
+        value,
+        "m[IU]/mL",
+        hours,
+        display="Choriogonadotropin [Units/volume] in Serum",
+        comparator=comparator,
+    )
+
+
+def _real_chart_scenarios(at: datetime) -> list[Scenario]:
+    """Issue 14: charts as EHRs send them. Each story says which defect it guards against."""
+    out: list[Scenario] = []
+
+    def add(name: str, story: str, expected: dict[str, str], builder: PatientBuilder) -> None:
+        out.append(Scenario(name, story, expected, builder))
+
+    ecmo_others = "I-MICRO: mottled, platelets 95, 8 h after onset → eligible. MSC: ANC 7.8 → not eligible."
+    imicro_others = "MSC: its 10 h window has closed. ECMO-RESCUE: VIS 20 → not eligible."
+
+    # (1) Recency of the pregnancy test ------------------------------------------------------------
+    b = _patient("preg-positive-years-ago", at, age=30, gender="female")
+    _ecmo_base(b)
+    _pregnancy_test(b, True, hours=3 * 365 * 24)
+    add(
+        "preg-positive-years-ago",
+        "30-year-old woman in refractory septic shock; her only pregnancy test is a positive urine hCG "
+        "from 3 years ago. A test decides for 72 h: the old result is shown and the clinician confirms "
+        f"she is not pregnant now → ECMO-RESCUE eligible (to confirm), not excluded. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("preg-negative-last-year", at, age=33, gender="female")
+    _imicro_base(b)
+    _pregnancy_test(b, False, hours=400 * 24)
+    add(
+        "preg-negative-last-year",
+        "33-year-old woman, mottled septic shock for 12 h; a negative urine hCG from last year. It no "
+        "longer clears her: I-MICRO eligible with the pregnancy to confirm (the old test shown). "
+        f"{imicro_others}",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("preg-negative-5-days-ago", at, age=24, gender="female")
+    _imicro_base(b)
+    _pregnancy_test(b, False, hours=5 * 24, code="2118-8")
+    add(
+        "preg-negative-5-days-ago",
+        "24-year-old woman, mottled septic shock for 12 h; a negative serum hCG 5 days ago (hCG can be "
+        "negative 10–14 days after conception): older than 72 h → pregnancy to confirm, I-MICRO eligible. "
+        f"{imicro_others}",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("preg-serum-hcg-positive", at, age=26, gender="female")
+    _imicro_base(b)
+    _serum_hcg(b, 1250, hours=6)
+    add(
+        "preg-serum-hcg-positive",
+        "26-year-old woman, mottled septic shock for 12 h; quantitative serum hCG 1 250 mIU/mL (LOINC "
+        "19080-1) 6 h ago: ≥ 25 is positive → pregnancy excludes her from all three trials.",
+        _expect("not_eligible", "not_eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("preg-serum-hcg-below-2", at, age=26, gender="female")
+    _imicro_base(b)
+    _serum_hcg(b, 2, hours=6, comparator="<")
+    add(
+        "preg-serum-hcg-below-2",
+        "26-year-old woman, mottled septic shock for 12 h; serum hCG reported as < 2 mIU/mL 6 h ago: "
+        f"negative (< 5) → I-MICRO eligible. {imicro_others}",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("preg-serum-hcg-equivocal", at, age=36, gender="female")
+    _imicro_base(b)
+    _serum_hcg(b, 12, hours=6)
+    add(
+        "preg-serum-hcg-equivocal",
+        "36-year-old woman, mottled septic shock for 12 h; serum hCG 12 mIU/mL (between 5 and 25: "
+        "equivocal) → neither clears nor excludes: I-MICRO eligible with the pregnancy to confirm. "
+        f"{imicro_others}",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+
+    # (2) Exclusion codes that mean the exclusion -----------------------------------------------
+    for name, age, system, code, display, onset, expected_ecmo, story in (
+        (
+            "ecmo-type2-mi",
+            58,
+            ICD10CM,
+            "I21.A1",
+            "Myocardial infarction type 2",
+            10,
+            "eligible",
+            "a type 2 (demand) myocardial infarction (I21.A1) charted during the shock: not another cause "
+            "of the cardiac dysfunction → ECMO-RESCUE eligible, the code shown to confirm",
+        ),
+        (
+            "ecmo-stemi",
+            61,
+            ICD10CM,
+            "I21.09",
+            "STEMI involving other coronary artery of anterior wall",
+            20,
+            "not_eligible",
+            "an acute anterior STEMI (I21.09) this admission, active and confirmed: another cause of the "
+            "cardiac dysfunction → ECMO-RESCUE not eligible",
+        ),
+        (
+            "ecmo-heart-failure-unspecified",
+            66,
+            ICD10CM,
+            "I50.9",
+            "Heart failure, unspecified",
+            2000,
+            "eligible",
+            "heart failure, unspecified (I50.9) on the problem list: not chronic heart failure as such → "
+            "ECMO-RESCUE eligible, the code shown to confirm",
+        ),
+        (
+            "ecmo-chronic-heart-failure",
+            66,
+            ICD10CM,
+            "I50.22",
+            "Chronic systolic (congestive) heart failure",
+            9000,
+            "not_eligible",
+            "chronic systolic heart failure (I50.22), active and confirmed: another cause of the cardiac "
+            "dysfunction → ECMO-RESCUE not eligible",
+        ),
+        (
+            "ecmo-traumatic-pneumothorax",
+            44,
+            ICD10CM,
+            "S27.0XXA",
+            "Traumatic pneumothorax, initial encounter",
+            30,
+            "eligible",
+            "a traumatic pneumothorax (S27.0XXA), not a tension pneumothorax → ECMO-RESCUE eligible, the "
+            "code shown to confirm",
+        ),
+        (
+            "ecmo-old-pulmonary-embolism",
+            57,
+            ICD10CM,
+            "I26.99",
+            "Other pulmonary embolism without acute cor pulmonale",
+            2 * 365 * 24,
+            "eligible",
+            "a pulmonary embolism from 2 years ago still active on the problem list: not a suspected cause "
+            "of this shock → ECMO-RESCUE eligible, the PE and its date shown to confirm",
+        ),
+        (
+            "ecmo-hiv-infection",
+            39,
+            SNOMED,
+            "86406008",
+            "Human immunodeficiency virus infection",
+            20000,
+            "eligible",
+            "HIV infection (SNOMED 86406008), not AIDS → ECMO-RESCUE eligible, the code shown to confirm",
+        ),
+        (
+            "ecmo-aids-snomed",
+            47,
+            SNOMED,
+            "62479008",
+            "Acquired immune deficiency syndrome",
+            20000,
+            "not_eligible",
+            "AIDS (SNOMED 62479008), active and confirmed → ECMO-RESCUE excludes AIDS",
+        ),
+    ):
+        b = _patient(name, at, age=age)
+        _ecmo_base(b)
+        b.condition(system, code, display, onset)
+        add(
+            name,
+            f"Refractory septic shock with {story}. {ecmo_others}",
+            _expect(expected_ecmo, "eligible", "not_eligible"),
+            b,
+        )
+    b = _patient("ecmo-mi-without-status", at, age=63)
+    _ecmo_base(b)
+    b.condition(
+        ICD10CM,
+        "I21.4",
+        "Non-ST elevation myocardial infarction",
+        30,
+        clinical_status=None,
+        verification=None,
+    )
+    add(
+        "ecmo-mi-without-status",
+        "Refractory septic shock; an NSTEMI (I21.4) is charted with no clinical or verification status, "
+        "as real charts often do: it may be a rule-out. It asks rather than excludes → ECMO-RESCUE "
+        f"eligible, the code shown to confirm. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+    b = _patient("msc-puerperium", at, age=28, gender="female")
+    _msc_base(b)
+    b.condition(ICD10CM, "O86.4", "Pyrexia of unknown origin following delivery", 100)
+    _pregnancy_test(b, False, hours=30)
+    add(
+        "msc-puerperium",
+        "28-year-old woman, delivered 5 days ago, puerperal fever (O86.4) and neutropenic septic shock "
+        "for 4 h; urine hCG negative yesterday. A chapter O code is not a current pregnancy: it asks → "
+        "MSC eligible. I-MICRO: upcoming. ECMO-RESCUE: VIS 30 → not eligible.",
+        _expect("not_eligible", "upcoming", "eligible"),
+        b,
+    )
+
+    # (3) Censored values (comparator) ------------------------------------------------------------
+    b = _patient("imicro-capillary-refill-censored", at, age=57)
+    _imicro_base(b, mottling=None)
+    b.observation(
+        "44963-7", 3, "s", 1, display="Capillary refill [Time] of Nail bed", category="exam", comparator=">"
+    )
+    add(
+        "imicro-capillary-refill-censored",
+        "Septic shock for 12 h; no mottling score, capillary refill charted as '> 3 s': it satisfies "
+        f"'> 3 s' → I-MICRO eligible (the evidence says it was charted censored). {imicro_others}",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+    b = _patient("msc-anc-censored-low", at, age=45)
+    _msc_base(b, anc=None)
+    b.observation("751-8", 0.1, "10*3/uL", 2, display="Neutrophils [#/volume] in Blood", comparator="<")
+    add(
+        "msc-anc-censored-low",
+        "Neutropenic septic shock for 4 h; the ANC is reported as '< 0.1 × 10⁹/L': it satisfies ≤ 1 → "
+        "MSC eligible. I-MICRO: upcoming. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "upcoming", "eligible"),
+        b,
+    )
+    b = _patient("msc-anc-censored-undecidable", at, age=45)
+    _msc_base(b, anc=None)
+    b.observation("751-8", 5, "10*3/uL", 2, display="Neutrophils [#/volume] in Blood", comparator="<")
+    add(
+        "msc-anc-censored-undecidable",
+        "Septic shock for 4 h; the ANC is reported only as '< 5 × 10⁹/L': it could be 0.3 or 4.9, so "
+        "≤ 1 cannot be decided → unknown, never 'not met': MSC possibly eligible, the card asks for an "
+        "exact count. I-MICRO: upcoming. ECMO-RESCUE: not eligible.",
+        _expect("not_eligible", "upcoming", "possibly_eligible"),
+        b,
+    )
+
+    # (4) Infusions as EHRs chart them, and the weight --------------------------------------------
+    for name, shape, expected_ecmo, story in (
+        (
+            "ecmo-dose-in-dosage",
+            "dose",
+            "eligible",
+            "norepinephrine 0.9 and epinephrine 0.4 µg/kg/min charted in dosage.dose, the pump rates "
+            "(67.5 and 120 mL/h) beside them → VIS 130 → ECMO-RESCUE eligible",
+        ),
+        (
+            "ecmo-pump-rate-contained-bag",
+            "pump-contained",
+            "eligible",
+            "only the pump rates charted (67.5 mL/h of norepinephrine 16 mg/250 mL, 120 mL/h of "
+            "epinephrine 4 mg/250 mL, contained Medications): dose = rate × strength ÷ 80 kg → VIS 130 → "
+            "ECMO-RESCUE eligible, the arithmetic shown",
+        ),
+        (
+            "ecmo-pump-rate-referenced-bag",
+            "pump-referenced",
+            "eligible",
+            "only the pump rates charted, the drugs named by medicationReference to Medication resources "
+            "holding the bag strength (fetched with the administrations) → VIS 130 → ECMO-RESCUE eligible",
+        ),
+        (
+            "ecmo-pump-rate-no-strength",
+            "pump-no-strength",
+            "possibly_eligible",
+            "only the pump rates charted and the Medications give no strength: no dose can be had → VIS "
+            "unknown with the reason → ECMO-RESCUE possibly eligible",
+        ),
+    ):
+        b = _patient(name, at, age=52)
+        _ecmo_charted_as(b, shape)
+        add(
+            name,
+            f"Refractory septic shock; {story}. {ecmo_others}",
+            _expect(expected_ecmo, "eligible", "not_eligible"),
+            b,
+        )
+    for name, code, label in (
+        ("ecmo-weight-measured", "3141-9", "measured"),
+        ("ecmo-weight-estimated", "8335-2", "estimated"),
+    ):
+        b = _patient(name, at, age=52)
+        _ecmo_base(b, unit="ug/min", weight=None)
+        b.weight(80, hours=28, code=code)
+        add(
+            name,
+            f"Pumps in µg/min (norepinephrine 72, epinephrine 32); the only weight is a {label} body weight "
+            f"(LOINC {code}, 80 kg) → VIS 130 → ECMO-RESCUE eligible. {ecmo_others}",
+            _expect("eligible", "eligible", "not_eligible"),
+            b,
+        )
+    b = _patient("ecmo-weight-stale", at, age=52)
+    _ecmo_base(b, unit="ug/min", weight=None)
+    b.weight(80, hours=40 * 24)
+    add(
+        "ecmo-weight-stale",
+        "Pumps in µg/min; the only body weight is from a clinic visit 40 days ago (older than 7 days): "
+        "not used to convert the doses → VIS unknown, the card asks for a current weight → ECMO-RESCUE "
+        f"possibly eligible. {ecmo_others}",
+        _expect("possibly_eligible", "eligible", "not_eligible"),
+        b,
+    )
+
+    # (5) I-MICRO's window from norepinephrine start ----------------------------------------------
+    b = _patient("imicro-norepinephrine-after-phenylephrine", at, age=63)
+    b.weight(80, hours=50)
+    b.condition(ICD10CM, "A41.9", "Sepsis, unspecified organism", 29)
+    b.lactate(4.0, hours=26.5)
+    b.infusion("8163", "phenylephrine", 1.0, "ug/kg/min", start=26)
+    b.norepinephrine(0.2, "ug/kg/min", start=10)
+    _mottling(b, 3, hours=1)
+    _platelets(b, 160, hours=4)
+    add(
+        "imicro-norepinephrine-after-phenylephrine",
+        "63-year-old man in septic shock for 26 h on phenylephrine, norepinephrine added 10 h ago; "
+        "mottled. I-MICRO's window runs from norepinephrine start (registry): 10 h → eligible, the card "
+        "shows both times. MSC: window closed (26 h). ECMO-RESCUE: VIS 20 → not eligible.",
+        _expect("not_eligible", "eligible", "window_closed"),
+        b,
+    )
+
+    # (7) Onset from a charted septic-shock Condition alone ---------------------------------------
+    b = _patient("msc-charted-septic-shock-only", at, age=45)
+    b.weight(80, hours=30)
+    b.condition(ICD10CM, "A41.9", "Sepsis, unspecified organism", 7)
+    b.condition(ICD10CM, "R65.21", "Severe sepsis with septic shock", 4)
+    b.lactate(4.0, hours=4.5)
+    b.anc(0.4, hours=2)
+    _mottling(b, 3, hours=1)
+    _platelets(b, 160, hours=2)
+    add(
+        "msc-charted-septic-shock-only",
+        "45-year-old neutropenic man with septic shock charted (R65.21) 4 h ago, but no vasopressor in "
+        "the chart: Sepsis-3 is not shown, so the charted onset is a candidate the clinician confirms → "
+        "MSC eligible (septic shock to confirm). I-MICRO: no norepinephrine start to time the window → "
+        "possibly eligible. ECMO-RESCUE: no vasoactive infusion → not eligible.",
+        _expect("not_eligible", "possibly_eligible", "eligible"),
+        b,
+    )
+
+    # (8) "Absence means no" only with a reason: the arrhythmia arm asks ---------------------------
+    b = _patient("ecmo-normal-lvef-arrhythmia-to-confirm", at, age=50)
+    _ecmo_base(b, lvef=45)
+    _hourly(b, 4.5, lambda h: _cardiac_index(b, 2.6, hours=h))
+    add(
+        "ecmo-normal-lvef-arrhythmia-to-confirm",
+        "Refractory septic shock with LVEF 45 % and cardiac index 2.6: the myocardial criterion rests on "
+        "a new refractory arrhythmia, which is often only on the monitor (only VT/VF are coded) → "
+        f"ECMO-RESCUE eligible, the arrhythmia to confirm. {ecmo_others}",
+        _expect("eligible", "eligible", "not_eligible"),
+        b,
+    )
+
+    # (10) Persistence means still true now --------------------------------------------------------
+    b = _patient("ecmo-lactate-fell-back", at, age=52)
+    _refractory_shock(b, 8.0, 7.5, map_values=False)
+    _hourly(b, 7.5, lambda h: b.map(70, hours=h))
+    for hours, value in ((7.0, 5.8), (5.0, 6.4), (3.0, 6.9), (0.5, 3.2)):
+        b.lactate(value, hours=hours)
+    _lvef(b, 25, hours=2)
+    b.anc(7.8, hours=3)
+    _platelets(b, 95, hours=3)
+    _mottling(b, 4, hours=1)
+    add(
+        "ecmo-lactate-fell-back",
+        "VIS 130 keeps MAP at 70; lactate was > 5 mmol/L and rising for 4 h (5.8 → 6.9) but the latest is "
+        "3.2: persistence means still true now, so the lactate arm is not met; only a mixed venous SvO2 "
+        f"(none charted) could still qualify → ECMO-RESCUE possibly eligible, asking for it. {ecmo_others}",
+        _expect("possibly_eligible", "eligible", "not_eligible"),
+        b,
+    )
     return out
 
 
