@@ -458,3 +458,42 @@ def test_check_output_is_printed_to_stdout() -> None:
     with redirect_stdout(buffer):
         assert cli_main(["check"]) == 0
     assert buffer.getvalue().startswith("ok:")
+
+
+# -- fetch mode: the service's own queries ask for the Medications -----------------------------------
+
+
+def test_prefetch_template_includes_the_medications(screener: Screener) -> None:
+    templates = screener.plan.templates()
+    assert "_include=MedicationAdministration:medication" in templates["medicationAdministrations"]
+    # The weight codes and the quantitative hCG are asked for too (the templates come from the mappings).
+    assert all(code in templates["latestBodyWeight"] for code in ("29463-7", "3141-9", "8335-2"))
+    assert "19080-1" in templates["latestPregnancyTest"]
+
+
+@pytest.mark.fhir
+def test_a_referenced_bag_missing_from_prefetch_is_fetched_by_id(null_app: Flask, fhir_server: Any) -> None:
+    """Prefetch without the included Medications (a client that ignores _include): the service fetches
+    them by id from fhirServer, within the hook's deadline, and the VIS is computed."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    scenario = next(s for s in all_scenarios(now) if s.name == "ecmo-pump-rate-referenced-bag")
+    fhir_server.post_transaction(scenario.bundle())
+    try:
+        body = hook_body(scenario.builder, fhir_server=fhir_server.base_url)
+        bundle = body["prefetch"]["medicationAdministrations"]
+        bundle["entry"] = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
+        assert not any(e["resource"]["resourceType"] == "Medication" for e in bundle["entry"])
+        response = null_app.test_client().post(SERVICE_URL, json=body)
+        assert response.status_code == 200, response.data
+        store = null_app.extensions["cds"].store
+        cards = response.get_json()["cards"]
+        statuses = {c["source"]["topic"]["code"]: store.get_card(c["uuid"]).status for c in cards}
+        assert statuses[ECMO] == "eligible"
+        # Without a fhirServer the bag strength cannot be had: the VIS is unknown, not 0.
+        del body["fhirServer"]
+        response = null_app.test_client().post(SERVICE_URL, json=body)
+        cards = response.get_json()["cards"]
+        statuses = {c["source"]["topic"]["code"]: store.get_card(c["uuid"]).status for c in cards}
+        assert statuses[ECMO] == "possibly_eligible"
+    finally:
+        fhir_server.delete_patient_everything(scenario.patient_id)

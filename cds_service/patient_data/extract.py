@@ -431,6 +431,15 @@ class _Extractor:
         if not isinstance(concept, dict):
             concept = (medication or {}).get("code")
             if not isinstance(concept, dict):
+                # The Medication is not in the data (nor could it be fetched): its reference's display
+                # still names the drug, so the infusion is not lost — its dose is then unknown.
+                display = (resource.get("medicationReference") or {}).get("display")
+                if isinstance(display, str) and (drug := self._drug_for_text(display)) is not None:
+                    unresolved = f"not resolvable; matched {drug.name} by display"
+                    self.facts.unknown_codes[
+                        f"MedicationAdministration medicationReference ({unresolved})"
+                    ] += 1
+                    return drug, f"text:{display}", "text", None
                 self.facts.unknown_codes["MedicationAdministration medicationReference (not resolvable)"] += 1
                 return None, "", "", None
         codings = [c for c in concept.get("coding") or () if isinstance(c, dict)]
