@@ -257,6 +257,8 @@ class ServiceState:
                     criteria_unmet=[r.criterion.id for r in result.blocking],
                     criteria_unknown=[r.criterion.id for r in result.unknown],
                     criteria_to_confirm=[r.criterion.id for r in result.to_confirm],
+                    trial_version=result.trial.version,
+                    mappings_version=self.screener.knowledge.version,
                 )
             )
             self.metrics.card_issued(trial_id, result.status)

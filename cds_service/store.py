@@ -111,6 +111,10 @@ class IssuedCard:
     source: str = SOURCE_HOOK
     recorded_by: str = ""  # the user's fhirUser (worksheet rows)
     checklist_confirmed: list[str] = field(default_factory=list)  # criterion ids (worksheet rows)
+    #: Content hashes of the trial file and of the mapping files the decision was made with, so a
+    #: coordinator auditing it later knows which rules made it ("" on rows of older releases).
+    trial_version: str = ""
+    mappings_version: str = ""
 
 
 #: One screening-log entry per issued card: the same record, the same row.
@@ -166,6 +170,8 @@ class ScreeningLogRow:
     source: str = SOURCE_HOOK
     recorded_by: str = ""
     checklist_confirmed: list[str] = field(default_factory=list)
+    trial_version: str = ""
+    mappings_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,7 @@ def _log_row(row: Sequence[Any]) -> ScreeningLogRow:
     """A row of the ``_SCREENING_LOG`` query as a :class:`ScreeningLogRow`."""
     issued_at, patient, trial, status, unmet, unknown, confirm, card_uuid, outcome, code, display = row[:11]
     comment, outcome_ts, source, recorded_by, checklist = row[11:16]
+    trial_version, mappings_version = row[16:18] if len(row) >= 18 else ("", "")
     return ScreeningLogRow(
         time=float(issued_at),
         patient_id=patient,
@@ -227,6 +234,8 @@ def _log_row(row: Sequence[Any]) -> ScreeningLogRow:
         source=source or SOURCE_HOOK,
         recorded_by=recorded_by or "",
         checklist_confirmed=_load_list(checklist),
+        trial_version=trial_version or "",
+        mappings_version=mappings_version or "",
     )
 
 
@@ -244,6 +253,8 @@ def _card_params(card: IssuedCard) -> tuple[Any, ...]:
         card.source,
         card.recorded_by or None,
         _dump_list(card.checklist_confirmed) if card.source == SOURCE_WORKSHEET else None,
+        card.trial_version or None,
+        card.mappings_version or None,
     )
 
 
@@ -279,14 +290,14 @@ def _load_list(text: str | None) -> list[str]:
 _INSERT_CARD = """
 INSERT INTO issued_card (card_uuid, patient_id, trial_id, hook_instance, issued_at, status,
                          criteria_unmet, criteria_unknown, criteria_to_confirm, source, recorded_by,
-                         checklist_confirmed)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                         checklist_confirmed, trial_version, mappings_version)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (card_uuid) DO NOTHING
 """
 
 _CARD_COLUMNS = """card_uuid, patient_id, trial_id, hook_instance, issued_at, status,
                    criteria_unmet, criteria_unknown, criteria_to_confirm, source, recorded_by,
-                   checklist_confirmed"""
+                   checklist_confirmed, trial_version, mappings_version"""
 
 _SELECT_CARD = f"SELECT {_CARD_COLUMNS} FROM issued_card WHERE card_uuid = ?"
 
@@ -340,7 +351,8 @@ _PURGE_CARDS = "DELETE FROM issued_card WHERE issued_at < ?"
 _SCREENING_LOG = """
 SELECT c.issued_at, c.patient_id, c.trial_id, c.status, c.criteria_unmet, c.criteria_unknown,
        c.criteria_to_confirm, c.card_uuid, f.outcome, f.reason_code, f.reason_display, f.user_comment,
-       f.outcome_timestamp, c.source, c.recorded_by, c.checklist_confirmed
+       f.outcome_timestamp, c.source, c.recorded_by, c.checklist_confirmed, c.trial_version,
+       c.mappings_version
 FROM issued_card c
 LEFT JOIN (
     SELECT card_uuid, outcome, reason_code, reason_display, user_comment, outcome_timestamp,
@@ -489,10 +501,23 @@ def _v3_worksheet(d: Dialect) -> list[str]:
     ]
 
 
+def _v4_rules_versions(d: Dialect) -> list[str]:
+    """Issue 14: each screening-log row records the content hash of the trial file and of the mapping
+    files it was decided with. Nullable: rows of earlier releases have none, and instances of the
+    previous release keep writing rows without them during a rolling upgrade."""
+    return [
+        "ALTER TABLE issued_card ADD COLUMN trial_version TEXT",
+        "ALTER TABLE issued_card ADD COLUMN mappings_version TEXT",
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "issued cards, card feedback and the jti replay cache (release 0.1.0)", _v1_initial),
     Migration(2, "index feedback by time received, for retention purges", _v2_retention),
     Migration(3, "screening worksheet: sessions, launches, records with their user", _v3_worksheet),
+    Migration(
+        4, "the trial-file and mappings versions each screening decision was made with", _v4_rules_versions
+    ),
 )
 #: The schema version this code writes and expects.
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -737,7 +762,7 @@ class Store(ABC):
         if not rows:
             return None
         uuid_, patient, trial, hook_instance, issued_at, status, unmet, unknown, confirm = rows[0][:9]
-        source, recorded_by, checklist = rows[0][9:12]
+        source, recorded_by, checklist, trial_version, mappings_version = rows[0][9:14]
         return IssuedCard(
             card_uuid=uuid_,
             patient_id=patient,
@@ -751,6 +776,8 @@ class Store(ABC):
             source=source or SOURCE_HOOK,
             recorded_by=recorded_by or "",
             checklist_confirmed=_load_list(checklist),
+            trial_version=trial_version or "",
+            mappings_version=mappings_version or "",
         )
 
     def screening_log(self, since: float | None = None, trial_id: str | None = None) -> list[ScreeningLogRow]:
@@ -1138,6 +1165,8 @@ CSV_COLUMNS = (
     "source",
     "recorded_by",
     "checklist_confirmed",
+    "trial_version",
+    "mappings_version",
 )
 
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -1182,6 +1211,8 @@ def export_screening_csv(rows: Iterable[ScreeningLogRow], stream: IO[str]) -> in
                 row.source,
                 _free_text(row.recorded_by),
                 "; ".join(row.checklist_confirmed),
+                row.trial_version,
+                row.mappings_version,
             )
         )
         count += 1

@@ -497,3 +497,32 @@ def test_a_referenced_bag_missing_from_prefetch_is_fetched_by_id(null_app: Flask
         assert statuses[ECMO] == "possibly_eligible"
     finally:
         fhir_server.delete_patient_everything(scenario.patient_id)
+
+
+# -- a version on every screening-log row ----------------------------------------------------------
+
+
+def test_every_screening_log_row_records_the_trial_and_mappings_versions(
+    null_app: Flask, screener: Screener, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    scenario = next(s for s in all_scenarios(now) if s.name == "ecmo-eligible")
+    response = null_app.test_client().post(SERVICE_URL, json=hook_body(scenario.builder))
+    assert response.status_code == 200
+    store = null_app.extensions["cds"].store
+    trials = {t.id: t for t in screener.trials}
+    for card in response.get_json()["cards"]:
+        row = store.get_card(card["uuid"])
+        trial = trials[row.trial_id]
+        assert row.trial_version == trial.version and row.trial_version.startswith("sha256:")
+        assert row.mappings_version == screener.knowledge.version
+    # The hash follows the file's content: an edited trial file gets another version.
+    data = tmp_path / "data"
+    shutil.copytree(PROJECT_ROOT / "mappings", data / "mappings")
+    shutil.copytree(PROJECT_ROOT / "trials", data / "trials")
+    path = data / "trials" / "NCT05184296-ecmo-rescue.yaml"
+    path.write_text(path.read_text() + "\n# a site's edit\n")
+    edited = {t.id: t.version for t in load_trials(data, load_knowledge(data))}
+    assert edited[ECMO] != trials[ECMO].version and edited[MSC] == trials[MSC].version
+    logged = {r.card_uuid: r for r in store.screening_log()}
+    assert all(r.trial_version and r.mappings_version for r in logged.values())

@@ -348,7 +348,7 @@ def test_screening_log_csv_round_trip(store: Store) -> None:
     assert tuple(reader.fieldnames or ()) == CSV_COLUMNS == (
         "time", "patient_id", "trial", "status", "criteria_unmet", "criteria_unknown",
         "criteria_to_confirm", "card_uuid", "outcome", "reason", "outcome_time", "source", "recorded_by",
-        "checklist_confirmed",
+        "checklist_confirmed", "trial_version", "mappings_version",
     )  # fmt: skip
     rows = {row["card_uuid"]: row for row in reader}
     assert rows["a"] == {
@@ -366,6 +366,8 @@ def test_screening_log_csv_round_trip(store: Store) -> None:
         "source": "hook",
         "recorded_by": "",
         "checklist_confirmed": "",
+        "trial_version": "",
+        "mappings_version": "",
     }
     assert rows["d"]["criteria_unknown"] == "lactate; MAP"
     assert rows["d"]["criteria_to_confirm"] == "consent"

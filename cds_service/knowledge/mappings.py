@@ -15,6 +15,7 @@ Every code row names its ``source``; codes never seen in the files are counted, 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -377,6 +378,8 @@ class Knowledge:
     rate_conversions: dict[str, RateConversion]
     system_aliases: dict[str, str]
     files: list[str]
+    #: Content hash of every file in mappings/ (recorded on each screening-log row).
+    version: str = ""
     volume_rates: dict[str, str] = field(default_factory=dict)  # pump-rate unit → "h" | "min"
     volumes_ml: dict[str, float] = field(default_factory=dict)  # volume unit → millilitres
     # indexes
@@ -494,6 +497,14 @@ class Knowledge:
                 if {panel.systolic, panel.diastolic, panel.mean_into} & input_names
             )
         return sorted(set(codes))
+
+
+def content_hash(paths: list[Path]) -> str:
+    """``sha256:<12 hex>`` of the files' names and bytes: which rules a decision was made with."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"sha256:{digest.hexdigest()[:12]}"
 
 
 def _interpretation(raw: dict[str, Any] | None) -> Interpretation | None:
@@ -737,6 +748,7 @@ def load_knowledge(data_dir: Path) -> Knowledge:
         rate_conversions=rate_conversions,
         system_aliases=dict(conds.get("system_aliases") or {}),
         files=[str(loaded[name][0].path) for name in loaded],
+        version=content_hash(sorted(folder.glob("*.yaml"))),
         volume_rates=volume_rates,
         volumes_ml=volumes_ml,
     )

@@ -23,7 +23,7 @@ from .criteria_language import (
     rule_can_confirm,
     rule_inputs,
 )
-from .mappings import Knowledge
+from .mappings import Knowledge, content_hash
 
 #: Inputs computed in derived.py (besides every observation input of the mappings).
 DERIVED_INPUTS = {"age_years", "sex", "body_weight", "vis", "septic_shock_onset", "norepinephrine_start"}
@@ -150,6 +150,7 @@ class Trial:
     inclusion: tuple[Criterion, ...]
     exclusion: tuple[Criterion, ...]
     path: str
+    version: str = ""  # content hash of the trial file (recorded on each screening-log row)
 
     @property
     def criteria(self) -> tuple[Criterion, ...]:
@@ -333,6 +334,7 @@ def load_trial(path: Path, knowledge: Knowledge) -> Trial:
         inclusion=tuple(criteria["inclusion"]),
         exclusion=tuple(criteria["exclusion"]),
         path=str(path),
+        version=content_hash([path]),
     )
 
 
