@@ -526,3 +526,19 @@ def test_every_screening_log_row_records_the_trial_and_mappings_versions(
     assert edited[ECMO] != trials[ECMO].version and edited[MSC] == trials[MSC].version
     logged = {r.card_uuid: r for r in store.screening_log()}
     assert all(r.trial_version and r.mappings_version for r in logged.values())
+
+
+def test_norepinephrine_start_is_that_of_the_episode_even_before_a_late_lactate_onset(
+    screener: Screener,
+) -> None:
+    # Norepinephrine from 14 h ago, lactate normal around its start, > 2 only 9 h later (5 h ago):
+    # the septic-shock onset is the lactate's time, the I-MICRO window still runs from 14 h ago.
+    b = PatientBuilder("cdsh-late-lactate", AT, age=60)
+    b.weight(80, hours=40)
+    b.condition(ICD10CM, "A41.9", "Sepsis, unspecified organism", 16)
+    b.lactate(1.6, hours=14.5)
+    b.norepinephrine(0.2, "ug/kg/min", start=14)
+    b.lactate(3.4, hours=5)
+    result = screen(screener, b)[IMICRO]
+    assert result.onset.value == T - 5 * HOUR
+    assert result.anchor is not None and result.anchor.value == T - 14 * HOUR

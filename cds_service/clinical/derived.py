@@ -580,7 +580,16 @@ def drug_start(
     onset the evidence shows both times (issue 14)."""
     drugs = set(params["drugs"])
     since = float(onset.value) - episode_gap_hours * HOUR if onset.value is not None else float("-inf")
-    records = [a for a in facts.administrations if a.drug in drugs and not a.bolus and since <= a.start <= at]
+    # A record counts when it started in the episode, or was still running when it began (a
+    # norepinephrine started hours before the lactate that made the onset is the same episode).
+    records = [
+        a
+        for a in facts.administrations
+        if a.drug in drugs
+        and not a.bolus
+        and a.start <= at
+        and (a.start >= since or a.end is None or a.end >= since)
+    ]
     names = " or ".join(sorted(drugs))
     if not records:
         reason = (
