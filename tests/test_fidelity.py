@@ -297,8 +297,13 @@ def test_imicro_window_runs_from_norepinephrine_start_and_the_card_shows_both(sc
     assert result.anchor is not None and result.anchor.value == T - 10 * HOUR
     assert (result.window_opens_at, result.window_closes_at) == (T - 4 * HOUR, T + 14 * HOUR)
     card = screener.renderer.render(result)
-    assert "Window timed from the norepinephrine start" in card["detail"]
-    assert "Septic-shock onset used:** 2026-02-28T06:30Z" in card["detail"]
+    assert (
+        "septic-shock onset yesterday 06:30; timed from the norepinephrine start yesterday 22:30"
+        in (card["detail"])
+    )
+    # The machine-readable window (cards-ux's extension) is the norepinephrine-timed one.
+    window = card["extension"]["screening"]["window"]
+    assert window == {"opens": "2026-03-01T04:30:00Z", "closes": "2026-03-01T22:30:00Z"}
 
 
 # -- (6) null prefetch keys and missing keys with no fhirServer -------------------------------------
@@ -386,7 +391,9 @@ def test_onset_from_a_charted_condition_alone_is_to_confirm(screener: Screener) 
     assert results[MSC].onset.value == T - 4 * HOUR and results[MSC].onset.status == "confirm"
     assert "candidate onset" in text(septic_shock.evidence)
     card = screener.renderer.render(results[MSC])
-    assert "(a candidate: to confirm)" in card["detail"]
+    assert "septic-shock onset today 04:30 (candidate, to confirm)" in card["detail"]
+    criteria = {c["id"]: c for c in card["extension"]["screening"]["criteria"]}
+    assert criteria["septic_shock"]["result"] == "to_confirm"
 
 
 # -- (8) every "absence means not met" carries its reason --------------------------------------------
@@ -436,7 +443,14 @@ def test_the_arrhythmia_arm_asks_when_none_is_coded(screener: Screener) -> None:
 def test_imicro_cards_carry_the_other_registry_exclusions_item(screener: Screener) -> None:
     result = assert_scenario(screener, "imicro-eligible")[IMICRO]
     card = screener.renderer.render(result)
-    assert "Other registry exclusions: check the protocol" in card["detail"]
+    assert "other registry exclusions: check the protocol" in card["detail"]
+    criteria = {c["id"]: c for c in card["extension"]["screening"]["criteria"]}
+    assert criteria["other_registry_exclusions"] == {
+        "id": "other_registry_exclusions",
+        "kind": "exclusion",
+        "result": "to_confirm",
+        "evidence": [],
+    }
 
 
 # -- (10) persistence means still true now ------------------------------------------------------

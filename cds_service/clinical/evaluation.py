@@ -153,9 +153,7 @@ def evaluate_trial(trial: Trial, inputs: ClinicalInputs) -> TrialResult:
         status = NOT_ELIGIBLE  # the clocks say the window would close before it opens
     elif any(r.pending for r in results) or (opens is not None and inputs.at < opens):
         status = UPCOMING
-    elif any(r.status == UNKNOWN for r in results) or anchor.value is None:
-        # With no time to anchor the window (no norepinephrine start yet charted), the window is
-        # unknown: never "eligible".
+    elif any(r.status == UNKNOWN for r in results):
         status = POSSIBLY
     else:
         status = ELIGIBLE
