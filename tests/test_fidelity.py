@@ -261,7 +261,7 @@ def test_no_dose_to_be_had_gives_an_unknown_vis_with_the_reason(screener: Screen
     result = assert_scenario(screener, "ecmo-pump-rate-no-strength")[ECMO]
     vis = criterion(result, "high_dose_vasoactive_over_5h")
     assert vis.status == UNKNOWN
-    assert any("charts no strength" in m for m in vis.missing), vis.missing
+    assert any("pump 67.5 mL/h, bag strength not charted" in m for m in vis.missing), vis.missing
 
 
 @pytest.mark.parametrize("name", ["ecmo-weight-measured", "ecmo-weight-estimated"])

@@ -465,9 +465,14 @@ class CardRenderer:
             "onset": result.onset,
             "anchor": result.anchor or result.onset,
             "anchor_label": result.anchor_name.replace("_", " "),
+            # The window is timed from another time than the onset (I-MICRO: norepinephrine start)
+            # and the two differ: the card shows both.
             "anchor_differs": result.anchor is not None
-            and result.anchor_name != "septic_shock_onset"
-            and result.anchor.value is not None,
+            and result.anchor.value is not None
+            and (
+                result.onset.value is None
+                or abs(float(result.anchor.value) - float(result.onset.value)) >= 60
+            ),
             "window_opens_at": result.window_opens_at,
             "window_closes_at": result.window_closes_at,
             "time_left": time_left,

@@ -301,10 +301,13 @@ def vis_series(
             dose, why, per_kg = _dose(segment, drug.dose_unit, knowledge, weight)
             used_weight = used_weight or per_kg
             if dose is None:
-                rate = f"{segment.rate:g} {segment.rate_unit}" if segment.rate is not None else "no rate"
-                how = f" ({segment.rate_note})" if segment.rate_note else ""
+                if segment.rate is None and segment.rate_note:
+                    shown = f"{segment.drug} {segment.rate_note}"  # "norepinephrine pump 67.5 mL/h, …"
+                else:
+                    rate = f"{segment.rate:g} {segment.rate_unit}" if segment.rate is not None else "no rate"
+                    shown = f"{segment.drug} infusion, {rate}"
                 evidence = (
-                    Evidence(f"{segment.drug} infusion, {rate}{how}", segment.start, (segment.resource,)),
+                    Evidence(shown, segment.start, (segment.resource,)),
                     *(weight.evidence if per_kg else ()),
                 )
                 return [], Derived(None, "unknown", evidence, why)

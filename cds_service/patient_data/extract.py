@@ -397,7 +397,7 @@ class _Extractor:
             return rate, unit, ""  # an unknown rate unit: derived.py says it is not convertible
         strength = _strength(medication, drug, self.k)
         if isinstance(strength, str):
-            return None, "", f"pump rate {rate:g} {unit}, but {strength}"
+            return None, "", f"pump {rate:g} {unit}, {strength}"
         amount, amount_unit, volume_ml, shown = strength
         dose_rate = rate * amount / volume_ml
         dose_unit = f"{amount_unit}/{per}"
@@ -550,7 +550,7 @@ def _strength(
 ) -> tuple[float, str, float, str] | str:
     """(amount, its unit, per millilitres, as shown) of the drug in the bag — or why not."""
     if medication is None:
-        return "the Medication it names (the bag strength) is not available"
+        return "bag not available (Medication not in the data)"
     ingredients = [i for i in medication.get("ingredient") or () if isinstance(i, dict) and i.get("strength")]
     chosen = None
     for ingredient in ingredients:
@@ -564,19 +564,18 @@ def _strength(
             break
     if chosen is None and len(ingredients) == 1:
         chosen = ingredients[0]
-    where = f"Medication/{medication.get('id', '?')}"
     if chosen is None:
-        return f"{where} charts no strength for {drug.name} (ingredient.strength)"
+        return "bag strength not charted"
     ratio = chosen["strength"]
     numerator, denominator = ratio.get("numerator") or {}, ratio.get("denominator") or {}
     amount, volume = numerator.get("value"), denominator.get("value", 1)
     if not isinstance(amount, int | float) or not isinstance(volume, int | float) or not volume:
-        return f"{where} strength is not a number per volume"
+        return "bag strength not a number per volume"
     amount_unit = knowledge.canonical_unit_code(_unit_of(numerator))
     volume_unit = _unit_of(denominator)
     ml = knowledge.volume_ml(volume_unit)
     if ml is None:
-        return f"{where} strength is per {volume_unit or 'no unit'}, not per volume"
+        return f"bag strength per {volume_unit or 'no unit'}, not per volume"
     shown = f"{amount:g} {amount_unit}/{volume:g} {volume_unit}"
     return float(amount), amount_unit, float(volume) * ml, shown
 
