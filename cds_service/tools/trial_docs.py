@@ -82,7 +82,13 @@ def _hours(seconds: float) -> str:
 def _labels(screener: Screener) -> dict[str, str]:
     labels = {name: item.label for name, item in screener.knowledge.inputs.items()}
     labels.update(
-        {"vis": "VIS", "age_years": "age", "septic_shock_onset": "septic-shock onset", "sex": "sex"}
+        {
+            "vis": "VIS",
+            "age_years": "age",
+            "septic_shock_onset": "septic-shock onset",
+            "sex": "sex",
+            "norepinephrine_start": "norepinephrine start",
+        }
     )
     return labels
 
@@ -161,7 +167,8 @@ or a code that suggests but cannot prove an exclusion). The trial's result:
 {results}
 
 **The window.** It is given relative to the septic-shock onset (the start of the first vasopressor
-with an infection diagnosis and a lactate > 2 mmol/L around it — clinical-knowledge.md §2). Criteria
+with an infection diagnosis and a lactate > 2 mmol/L around it — clinical-knowledge.md §2), or to
+another time the registry names (I-MICRO: the norepinephrine start; the card shows both). Criteria
 with a running clock refine it: an inclusion criterion that is not met *yet* (a run still going on
 but not long enough, such as ECMO-RESCUE's "lasts more than 5 hours") opens the window when it will
 be met, and an exclusion that is the enrollment clock (`closes_window`, ECMO-RESCUE's "inclusion
