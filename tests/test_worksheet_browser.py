@@ -164,6 +164,9 @@ def test_a_referral_recorded_in_chromium_is_logged_with_the_user_and_silences_th
     # 2. The user is the launcher's practitioner.
     assert row.recorded_by == f"Practitioner/{WORKSHEET_PROVIDER}"
     assert row.checklist_confirmed == ["informed_consent"]
+    screener = worksheet_served.app.extensions["cds"].screener
+    trial = next(t for t in screener.trials if t.id == ECMO)
+    assert (row.trial_version, row.mappings_version) == (trial.version, screener.knowledge.version)
     exported = io.StringIO(newline="")
     export_screening_csv([row], exported)
     line = next(csv.DictReader(io.StringIO(exported.getvalue())))

@@ -521,6 +521,9 @@ def record(trial_id: str) -> Response:
         source=SOURCE_WORKSHEET,
         recorded_by=session.user,
         checklist_confirmed=sorted(set(confirmed)),
+        # The rules the worksheet showed, as on a card's row (an auditor knows which decided).
+        trial_version=result.trial.version,
+        mappings_version=service().screener.knowledge.version,
     )
     feedback = None
     if decision is not None:
