@@ -537,8 +537,13 @@ def _jku_off_allow_list(e: Env) -> tuple[str | None, str]:
 
 
 def _jku_for_issuer_without_allow_list(e: Env) -> tuple[str | None, str]:
-    jku = f"{e.capture.base}/jwks.json"
-    return bearer(e.token(e.keys.file_ec, "ES256", FILE, kid="file-ec", jku=jku)), AUDIENCE
+    jku = f"{e.capture.base}/jwks.json"  # the attacker's key set, for a kid the pinned file lacks
+    return bearer(e.token(e.keys.stranger_ec256, "ES256", FILE, kid="attacker", jku=jku)), AUDIENCE
+
+
+def _pinned_kid_other_key_with_jku(e: Env) -> tuple[str | None, str]:
+    jku = f"{e.capture.base}/jwks.json"  # the pinned key is used (and fails), the jku never fetched
+    return bearer(e.token(e.keys.stranger_ec256, "ES256", FILE, kid="file-ec", jku=jku)), AUDIENCE
 
 
 def _missing_jti(e: Env) -> tuple[str | None, str]:
@@ -636,6 +641,7 @@ ATTACKS: list[tuple[str, Attack, str]] = [
     ("replayed-jti-new-token", _replayed_jti_new_token, "replayed jti"),
     ("jku-off-allow-list", _jku_off_allow_list, "jku not allow-listed"),
     ("jku-without-allow-list", _jku_for_issuer_without_allow_list, "jku not allow-listed"),
+    ("pinned-kid-other-key-with-jku", _pinned_kid_other_key_with_jku, "bad signature"),
     ("missing-jti", _missing_jti, "missing jti"),
     ("empty-jti", _empty_jti, "missing jti"),
     ("huge-jti", _huge_jti, "jti too long"),
@@ -809,25 +815,71 @@ def test_sandbox_key_rotation_through_jku(env: Env) -> None:
     assert env.server.hits("/sandbox/.well-known/jwks.json") == 2
 
 
-def test_new_jku_urls_are_rate_limited_per_issuer(env: Env) -> None:
-    # Naming a trusted issuer costs nothing: varying the jku under its prefix must not make us
-    # fetch one URL per request.
-    env.verifier.verify(bearer(env.sandbox_token()), AUDIENCE)
-    for index in range(5):
-        jku = f"{env.server.base}/sandbox/variant-{index}.json"
-        token = env.token(env.keys.stranger_ec384, "ES384", SANDBOX, kid="x", jku=jku)
-        with pytest.raises(AuthError, match="jku fetch rate-limited"):
-            env.verifier.verify(bearer(token), AUDIENCE)
-    assert env.server.requests == ["/sandbox/.well-known/jwks.json"]
-    # Known URLs are unaffected, and after the interval one new URL may be tried.
-    env.verifier.verify(bearer(env.sandbox_token()), AUDIENCE)
-    env.clock.now += 31
-    token = env.token(
-        env.keys.stranger_ec384, "ES384", SANDBOX, kid="x", jku=f"{env.server.base}/sandbox/v.json"
-    )
+def test_a_keyless_caller_cannot_lock_out_the_trusted_client(env: Env) -> None:
+    """Naming a trusted issuer costs nothing. Tokens with made-up jku URLs under its prefix, signed with
+    any key, cost one failed fetch per made-up URL, and the real client is never refused for it —
+    whether its own URL was fetched before the flood or not."""
+    for round_ in range(2):
+        for index in range(MAX_URLS_FLOOD):
+            jku = f"{env.server.base}/sandbox/made-up-{round_}-{index}.json"
+            token = env.token(env.keys.stranger_ec384, "ES384", SANDBOX, kid="x", jku=jku)
+            with pytest.raises(AuthError, match="jwks unavailable"):
+                env.verifier.verify(bearer(token), AUDIENCE)
+        # the real client, right after the flood (its URL is new to the verifier in round 0)
+        assert env.verifier.verify(bearer(env.sandbox_token()), AUDIENCE)["iss"] == SANDBOX
+    made_up = [path for path in env.server.requests if "made-up" in path]
+    assert len(made_up) == 2 * MAX_URLS_FLOOD == len(set(made_up))  # each made-up URL fetched once
+    assert env.server.hits("/sandbox/.well-known/jwks.json") == 1  # the working key set stayed cached
+    # A failed URL (still in the cache: the latest one) is not fetched again within the back-off
+    # interval, and is tried again after it. An evicted one costs one more failed fetch, no more.
+    last = f"/sandbox/made-up-1-{MAX_URLS_FLOOD - 1}.json"
+    again = env.token(env.keys.stranger_ec384, "ES384", SANDBOX, kid="x", jku=f"{env.server.base}{last}")
     with pytest.raises(AuthError, match="jwks unavailable"):
-        env.verifier.verify(bearer(token), AUDIENCE)
-    assert env.server.requests == ["/sandbox/.well-known/jwks.json", "/sandbox/v.json"]
+        env.verifier.verify(bearer(again), AUDIENCE)
+    assert env.server.hits(last) == 1
+    env.clock.now += 31
+    with pytest.raises(AuthError, match="jwks unavailable"):
+        env.verifier.verify(bearer(again), AUDIENCE)
+    assert env.server.hits(last) == 2
+
+
+#: More made-up URLs than the verifier caches, so that eviction is exercised too.
+MAX_URLS_FLOOD = 40
+
+
+def test_a_pinned_key_with_the_tokens_kid_is_used_before_any_jku(env: Env, tmp_path: Path) -> None:
+    """The sandbox (and Epic) always send a jku. With the client's key pinned in jwks_file, its tokens
+    are verified offline: the jku is neither checked against jku_allow nor fetched."""
+    pinned = tmp_path / "sandbox-pinned.json"
+    pinned.write_bytes(jwks(public_jwk(env.keys.sandbox, "sandbox-1", "ES384")))
+    verifier = env.new_verifier(trusted_clients={SANDBOX: {"jwks_file": str(pinned)}})
+    unreachable = "https://sandbox.cds-hooks.org/.well-known/jwks.json"  # no network here
+    token = env.token(env.keys.sandbox, "ES384", SANDBOX, kid="sandbox-1", jku=unreachable)
+    assert verifier.verify(bearer(token), AUDIENCE)["iss"] == SANDBOX
+    # A token whose kid is not pinned still goes through the jku rules: here, not allow-listed.
+    other = env.token(env.keys.stranger_ec384, "ES384", SANDBOX, kid="sandbox-2", jku=unreachable)
+    with pytest.raises(AuthError, match="jku not allow-listed"):
+        verifier.verify(bearer(other), AUDIENCE)
+    # The pinned kid with another key's signature is refused: pinning is not a bypass.
+    forged = env.token(env.keys.stranger_ec384, "ES384", SANDBOX, kid="sandbox-1", jku=unreachable)
+    with pytest.raises(AuthError, match="bad signature"):
+        verifier.verify(bearer(forged), AUDIENCE)
+    assert env.server.requests == [] and env.capture.requests == []
+
+
+def test_pinned_and_allow_listed_keys_work_together(env: Env, tmp_path: Path) -> None:
+    """Pin today's key and allow the jku too: the pinned key serves offline, a rotated key is fetched."""
+    pinned = tmp_path / "sandbox-pinned.json"
+    pinned.write_bytes(jwks(public_jwk(env.keys.sandbox, "sandbox-1", "ES384")))
+    verifier = env.new_verifier(
+        trusted_clients={SANDBOX: {"jwks_file": str(pinned), "jku_allow": [f"{env.server.base}/sandbox/"]}}
+    )
+    assert verifier.verify(bearer(env.sandbox_token()), AUDIENCE)["iss"] == SANDBOX
+    assert env.server.requests == []
+    env.server.serve("/sandbox/.well-known/jwks.json", jwks(public_jwk(env.keys.stranger_ec384, "sandbox-2")))
+    rotated = env.token(env.keys.stranger_ec384, "ES384", SANDBOX, kid="sandbox-2", jku=env.sandbox_jku)
+    assert verifier.verify(bearer(rotated), AUDIENCE)["iss"] == SANDBOX
+    assert env.server.requests == ["/sandbox/.well-known/jwks.json"]
 
 
 def test_unreachable_key_set_fails_closed_without_hammering(env: Env) -> None:

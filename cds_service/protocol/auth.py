@@ -6,14 +6,17 @@ asymmetric key. :class:`JwtVerifier` checks it against the ``security`` configur
 * the issuer (``iss``) must be a configured trusted client;
 * ``alg`` must be ES384, RS384, ES256 or RS256 (``none`` and HMAC are refused before any key work)
   and must fit the key type and curve;
-* keys come from the issuer's ``jwks_file``, its ``jwks_url``, or the token's ``jku`` header — the
-  latter only when the URL equals ``jwks_url`` or sits under one of the issuer's ``jku_allow``
-  prefixes. A ``jku`` off the allow-list is refused and never fetched; ``x5u``/``jwk`` headers are
-  ignored;
+* keys come from the issuer's ``jwks_file``, its ``jwks_url``, or the token's ``jku`` header. A key
+  pinned in ``jwks_file`` whose ``kid`` matches is used first, whatever the ``jku`` says: nothing is
+  fetched (a site can trust the public sandbox, or its EHR, offline). Otherwise the ``jku`` is used
+  only when it equals ``jwks_url`` or sits under one of the issuer's ``jku_allow`` prefixes; a
+  ``jku`` off the allow-list is refused and never fetched; ``x5u``/``jwk`` headers are ignored;
 * remote key sets are fetched with a timeout, no redirects and a size cap, cached for
-  ``jwks_cache_seconds`` and refreshed once when a ``kid`` is unknown — never more than once per
-  :attr:`JwtVerifier.MIN_REFRESH_SECONDS` per URL, and each issuer may bring in at most one new
-  ``jku`` URL per that interval;
+  ``jwks_cache_seconds`` and refreshed once when a ``kid`` is unknown (at most once per
+  :attr:`JwtVerifier.MIN_REFRESH_SECONDS` per URL). Limits are per URL and follow failures: a URL
+  whose fetch failed is not fetched again for that interval. So a caller without a key who names a
+  trusted issuer and made-up ``jku`` URLs costs one failed fetch per made-up URL and cannot use up
+  anything the real client's URL needs;
 * ``aud`` must be the exact URL called, ``exp``/``iat``/``jti`` are required, ``nbf`` is honoured,
   all with ``clock_skew_seconds`` of leeway, and each (``iss``, ``jti``) is accepted once.
 
@@ -93,8 +96,8 @@ class _TrustedClient:
 @dataclass
 class _UrlEntry:
     keys: list[dict[str, Any]] | None = None
-    fetched_at: float | None = None
-    attempted_at: float | None = None
+    fetched_at: float | None = None  # the last successful fetch
+    failed_at: float | None = None  # the last failed fetch, if later than the last success
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -234,7 +237,6 @@ class JwtVerifier:
         self._lock = threading.Lock()
         self._url_cache: OrderedDict[str, _UrlEntry] = OrderedDict()
         self._file_cache: dict[str, _FileEntry] = {}
-        self._new_jku_at: dict[str, float] = {}
         self._long_lived_noted: set[str] = set()
         for client in self._clients.values():
             if client.jwks_file is not None:
@@ -331,10 +333,15 @@ class JwtVerifier:
         return token
 
     def _select_key(self, client: _TrustedClient, jku: Any, kid: str | None, alg: str) -> dict[str, Any]:
+        if client.jwks_file is not None and kid is not None:
+            # A pinned key with this kid: used whatever the jku says, and nothing is fetched.
+            key = _pick_key(self._file_keys(client.jwks_file), kid, alg)
+            if key is not None:
+                return key
         if jku is not None:
             if not isinstance(jku, str) or not client.jku_permitted(jku):
                 raise AuthError("jku not allow-listed")
-            return self._key_from_url(jku, kid, alg, new_url_issuer=client.issuer)
+            return self._key_from_url(jku, kid, alg)
         if client.jwks_file is not None:
             key = _pick_key(self._file_keys(client.jwks_file), kid, alg)
             if key is not None:
@@ -430,10 +437,8 @@ class JwtVerifier:
                 log.warning("key set file %s cannot be re-read (%s); keeping the previous keys", path, exc)
             return entry.keys
 
-    def _key_from_url(
-        self, url: str, kid: str | None, alg: str, new_url_issuer: str | None = None
-    ) -> dict[str, Any]:
-        entry = self._url_entry(url, new_url_issuer)
+    def _key_from_url(self, url: str, kid: str | None, alg: str) -> dict[str, Any]:
+        entry = self._url_entry(url)
         key = _pick_key(self._url_keys(url, entry, refresh=False), kid, alg)
         if key is None:
             # Unknown kid: the client may have rotated its keys. Refresh once (rate-limited).
@@ -442,49 +447,55 @@ class JwtVerifier:
             raise AuthError("unknown kid")
         return key
 
-    def _url_entry(self, url: str, new_url_issuer: str | None) -> _UrlEntry:
+    def _url_entry(self, url: str) -> _UrlEntry:
         """The cache entry of ``url``, created on first use.
 
-        ``new_url_issuer`` is set for URLs taken from a token's ``jku``: anyone can name a trusted
-        issuer and vary the URL under an allow-listed prefix without holding a key, so each issuer
-        may introduce at most one new URL per :attr:`MIN_REFRESH_SECONDS`.
+        The cache holds :data:`MAX_CACHED_URLS` URLs. When it is full, an entry without keys (a URL
+        that never answered: a made-up ``jku``) goes first, so such URLs cannot push a working key
+        set out.
         """
         with self._lock:
             entry = self._url_cache.get(url)
-            if entry is None:
-                if new_url_issuer is not None:
-                    now = self._clock()
-                    last = self._new_jku_at.get(new_url_issuer)
-                    if last is not None and 0 <= now - last < self.MIN_REFRESH_SECONDS:
-                        raise AuthError("jku fetch rate-limited")
-                    self._new_jku_at[new_url_issuer] = now
-                entry = self._url_cache[url] = _UrlEntry()
-                while len(self._url_cache) > MAX_CACHED_URLS:
-                    self._url_cache.popitem(last=False)
-            else:
+            if entry is not None:
                 self._url_cache.move_to_end(url)
+                return entry
+            entry = self._url_cache[url] = _UrlEntry()
+            while len(self._url_cache) > MAX_CACHED_URLS:
+                keyless = next((u for u, e in self._url_cache.items() if e.keys is None and u != url), None)
+                if keyless is not None:
+                    del self._url_cache[keyless]
+                else:
+                    self._url_cache.popitem(last=False)
             return entry
 
     def _url_keys(self, url: str, entry: _UrlEntry, refresh: bool) -> list[dict[str, Any]]:
-        """Cached keys of a remote JWKS; fetched when missing, stale or (rate-limited) on refresh."""
+        """Cached keys of a remote JWKS; fetched when missing or stale, or on refresh (unknown kid).
+
+        Per URL: after a failed fetch, no new attempt for :attr:`MIN_REFRESH_SECONDS`; a refresh of
+        a working key set (an unknown ``kid``) at most once per that interval.
+        """
         with entry.lock:
             now = self._clock()
             fresh = entry.fetched_at is not None and now - entry.fetched_at < self._cache_seconds
             if entry.keys is not None and fresh and not refresh:
                 return entry.keys
-            if entry.attempted_at is not None and now - entry.attempted_at < self.MIN_REFRESH_SECONDS:
+            backing_off = entry.failed_at is not None and now - entry.failed_at < self.MIN_REFRESH_SECONDS
+            refreshed_lately = (
+                refresh and entry.fetched_at is not None and now - entry.fetched_at < self.MIN_REFRESH_SECONDS
+            )
+            if backing_off or refreshed_lately:
                 if entry.keys is not None:
                     return entry.keys
                 raise AuthError("jwks unavailable")
-            entry.attempted_at = now
             try:
                 keys = self._fetch(url)
             except _FetchError as exc:
+                entry.failed_at = now
                 log.warning("key set %s could not be fetched: %s", url, exc)
                 if entry.keys is not None:
                     return entry.keys
                 raise AuthError("jwks unavailable") from None
-            entry.keys, entry.fetched_at = keys, now
+            entry.keys, entry.fetched_at, entry.failed_at = keys, now, None
             return keys
 
     def _fetch(self, url: str) -> list[dict[str, Any]]:
