@@ -77,6 +77,8 @@ class Behaviour:
     headers: dict[str, str] = field(default_factory=dict)
     #: When > 0, the body is sent a few bytes at a time, one piece every ``trickle`` seconds.
     trickle: float = 0.0
+    #: When > 0, a Bundle of about this many bytes is streamed with no Content-Length (then closed).
+    stream_bytes: int = 0
 
 
 def searchset(
@@ -113,6 +115,9 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour.delay:
             time.sleep(behaviour.delay)
         self_url = f"{owner.origin}{self.path}"
+        if behaviour.stream_bytes:
+            self._stream(behaviour)
+            return
         if isinstance(behaviour.body, bytes):
             payload = behaviour.body
         elif behaviour.body is not None:
@@ -138,6 +143,25 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (deadline): fine
             self.close_connection = True
+
+    def _stream(self, behaviour: Behaviour) -> None:
+        """A huge Bundle, generated on the fly and sent without a length (the end is the close)."""
+        entry = b'{"resource":{"resourceType":"Observation","id":"x","status":"final"}},'
+        piece = entry * (65536 // len(entry))
+        self.close_connection = True
+        try:
+            self.send_response(behaviour.status)
+            self.send_header("Content-Type", behaviour.content_type)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b'{"resourceType":"Bundle","type":"searchset","entry":[')
+            sent = 0
+            while sent < behaviour.stream_bytes:
+                self.wfile.write(piece)
+                sent += len(piece)
+            self.wfile.write(b'{"resource":{"resourceType":"Observation","id":"y"}}]}')
+        except (BrokenPipeError, ConnectionResetError):  # the client cut it: expected
+            pass
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
 
@@ -235,6 +259,10 @@ class FaultServer:
         """A searchset Bundle (padded to several kB) sent 16 bytes every ``interval`` seconds."""
         padding = [{"resourceType": "Basic", "id": f"pad{i}", "code": {"text": "x" * 100}} for i in range(40)]
         self.set(path, Behaviour(resources=list(resources or []) + padding, trickle=interval))
+
+    def huge(self, path: str | None, size: int) -> None:
+        """A valid searchset Bundle of about ``size`` bytes, streamed with no Content-Length."""
+        self.set(path, Behaviour(stream_bytes=size))
 
     def malformed(self, path: str | None) -> None:
         """200 with a body that is not JSON."""

@@ -323,7 +323,7 @@ def _call(kind: str, client: FhirClient, base_url: str, deadline: float) -> Any:
         "type": "searchset",
         "link": [{"relation": "next", "url": f"{base_url}/Observation?patient=secret-pid-77&page=2"}],
     }
-    return client.follow_next(base_url, TOKEN, page, deadline)
+    return client.follow_next(base_url, TOKEN, page, deadline, "Observation")
 
 
 FAULTS: dict[str, tuple[Callable[[FaultServer], None], str]] = {
@@ -590,3 +590,67 @@ def test_inside_is_segment_wise(path: list[str], port: int) -> None:
     assert not _inside(url.replace("/fhir", "/fhir2", 1), base)
     assert not _inside(url.replace(f":{port}", f":{port % 65535 + 1}", 1), base)
     assert not _inside(url.replace("https://", "http://", 1), base)
+
+
+# -- response size -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "streamed"])
+def test_a_response_over_the_limit_is_cut_and_unavailable(
+    announced: bool, fault_server: FaultServer, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit = 1024 * 1024
+    if announced:  # Content-Length tells: nothing is read
+        padding = [
+            {"resourceType": "Observation", "id": f"o{i}", "note": [{"text": "x" * 900}]} for i in range(2000)
+        ]
+        fault_server.bundle("Observation", padding)
+    else:  # no length: read until the limit, then cut
+        fault_server.huge("Observation", 50 * limit)
+    client = make_client(max_response_bytes=limit)
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(DataUnavailable, match="over the limit of 1048576 bytes"),
+    ):
+        client.search_many(fault_server.base_url, None, {"o": "Observation?patient=p"}, deadline_in(5))
+    assert time.monotonic() - started < 2  # cut early, not read whole (50 MB) nor waited for the deadline
+    # Under the limit, the same client reads it.
+    fault_server.huge("Condition", limit // 4)
+    result = client.search_many(fault_server.base_url, None, {"c": "Condition?patient=p"}, deadline_in(5))
+    assert len(result["c"]) > 1000
+
+
+def test_the_limit_is_shared_by_one_hooks_queries(
+    fault_server: FaultServer, make_client: ClientFactory
+) -> None:
+    limit = 1024 * 1024
+    fault_server.huge("Observation", int(limit * 0.6))
+    fault_server.huge("Condition", int(limit * 0.6))
+    client = make_client(max_response_bytes=limit)
+    queries = {"o": "Observation?patient=p", "c": "Condition?patient=p"}
+    with pytest.raises(DataUnavailable, match="over the limit"):
+        client.search_many(fault_server.base_url, None, queries, deadline_in(5))
+    # Each alone fits; a new call (a new hook) has a budget of its own.
+    assert client.search_many(fault_server.base_url, None, {"o": queries["o"]}, deadline_in(5))["o"]
+
+
+def test_metrics_labels_come_from_the_services_own_queries(fault_server: FaultServer) -> None:
+    """Not from what the server (or a prefetch Bundle) says: a made-up type cannot become a label."""
+    seen: list[str] = []
+    fault_server.bundle("Observation", [{"resourceType": "Made-Up-Type", "id": "1"}])
+    fault_server.json("Patient/1", {"resourceType": "Patient", "id": "1"})
+    settings = {**DEFAULTS["fhir"], "allow_http": True}
+    with FhirClient(
+        settings, on_query=lambda kind, *_: seen.append(kind), resource_types={"Observation"}
+    ) as client:
+        client.search_many(fault_server.base_url, None, {"o": "Observation?patient=1"}, deadline_in(5))
+        client.read(fault_server.base_url, None, "Patient/1", deadline_in(5))  # not a type it was told of
+        prefetch = {
+            "resourceType": "Bundle",
+            "entry": [{"resource": {"resourceType": "Invented"}}],
+            "link": [{"relation": "next", "url": fault_server.url("Invented?page=2")}],
+        }
+        client.follow_next(fault_server.base_url, None, prefetch, deadline_in(5), "Observation")
+        client.follow_next(fault_server.base_url, None, prefetch, deadline_in(5))  # type not given
+    assert seen == ["Observation", "other", "Observation", "other"]

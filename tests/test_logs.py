@@ -212,6 +212,8 @@ def test_bearer_in_message_and_args_is_redacted(stream: io.StringIO) -> None:
         ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
         ("authorization=Bearer s3cr3t-value", "s3cr3t-value"),
         ("bearer  s3cr3t-value", "s3cr3t-value"),
+        ("Bearer abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnopqrstuvwxyz"),  # long, letters only
+        ("Bearer opaque1", "opaque1"),
         (f"jku in {JWT}", JWT[:40]),
         (
             "opaque aaaaaaaaaaaaaaaaaaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbb.cccccccccccccccccccccccc x",
@@ -233,6 +235,8 @@ def test_redact_scrubs_credentials(text: str, secret: str) -> None:
         "authorization failed: unknown issuer",
         "trial NCT01234567 evaluated; Observation/abc-123 used",
         "version 1.2.3 of fhir.resources",
+        "client authentication failed: not a bearer token",
+        "Basic authentication is not supported",
     ],
 )
 def test_redact_leaves_ordinary_text_alone(text: str) -> None:

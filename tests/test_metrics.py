@@ -308,3 +308,33 @@ def test_gunicorn_workers_metrics_are_summed(served: tuple[str, Path], now: date
         for trial, count in card_counts(responses).items():
             assert total(samples, "cds_cards_issued_total", trial=trial) == count
         assert value(samples, "cds_feedback_total", outcome="accepted", repeat="no") == 1
+
+
+def test_made_up_resource_types_cannot_grow_the_metrics(
+    metrics_client: FlaskClient, fault_server: FaultServer, now: datetime
+) -> None:
+    """A prefetch Bundle with a next link whose entries carry a made-up resourceType, 100 times (300 in
+    `make probe`): the page does not grow with them (each made-up type was one new series before)."""
+    client = metrics_client
+    fault_server.bundle(None, [])
+    builder = neutropenic_septic_shock(now)
+    before = client.get("/metrics").get_data()
+    for index in range(100):
+        body = hook_body(builder, fhir_server=fault_server.base_url)
+        body["prefetch"]["observations"] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": {"resourceType": f"MadeUp{index}", "id": "x"}}],
+            "link": [{"relation": "next", "url": fault_server.url(f"MadeUp{index}?page=2")}],
+        }
+        assert client.post(SERVICE_URL, json=body).status_code == 200
+    after = client.get("/metrics").get_data()
+    assert b"MadeUp" not in after
+    assert len(after) - len(before) < 20 * 1024, len(after) - len(before)
+    types = {
+        dict(labels)["resource_type"]
+        for (name, labels) in parse(after.decode())
+        if name.startswith("cds_fhir_query_seconds")
+    }
+    assert types <= {"Patient", "Observation", "MedicationAdministration", "Condition", "other"}
+    assert "Observation" in types  # the next pages are counted as what the service asked for

@@ -7,6 +7,7 @@ The clinical story throughout: a 45-year-old man in septic shock for 4 h with an
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -206,3 +207,29 @@ def test_plain_http_fhir_server_refused_unless_allowed(
     )
     assert response.status_code == 412
     assert fault_server.requests == []
+
+
+def test_open_mode_412_says_only_the_category(
+    tmp_path: Path, now: datetime, fault_server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any caller may use an open service: its 412 must not tell "connection failed" from "HTTP 404"
+    from "timed out", or it maps which local ports answer HTTP. The details go to the log."""
+    fault_server.status("Observation", 404)
+    fault_server.slow("Condition", 5.0)
+    client = _app(tmp_path, deadline_seconds=DEADLINE).test_client()
+    texts = set()
+    with caplog.at_level(logging.WARNING):
+        for base_url in (fault_server.base_url, refused_url()):
+            for prefetch_missing in ("observations", "conditions"):
+                body = hook_body(_patient(now, "cdsh-probe"), fhir_server=base_url)
+                del body["prefetch"][prefetch_missing]
+                response = client.post(SERVICE_URL, json=body)
+                assert response.status_code == 412
+                texts.add(response.get_json()["issue"][0]["diagnostics"])
+    assert texts == {
+        "patient data needed for screening could not be obtained: the FHIR server could not be read in time"
+    }
+    assert "HTTP 404" in caplog.text and "connection failed" in caplog.text and "deadline" in caplog.text
+    # A request that needs no server keeps its own (harmless) explanation.
+    response = client.post(SERVICE_URL, json=hook_body(_patient(now, "p"), prefetch=False))
+    assert "no prefetch and no fhirServer" in response.get_json()["issue"][0]["diagnostics"]

@@ -44,4 +44,8 @@ def operation_outcome(status: int, diagnostics: str, expression: list[str] | Non
 
 def outcome_response(status: int, diagnostics: str, expression: list[str] | None = None) -> Response:
     body = orjson.dumps(operation_outcome(status, diagnostics, expression))
-    return Response(body, status=status, mimetype="application/fhir+json")
+    response = Response(body, status=status, mimetype="application/fhir+json")
+    if status == 401:
+        # RFC 6750: the scheme the client must use. No error details (docs/security.md).
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response

@@ -51,11 +51,22 @@ SENSITIVE_KEYS: frozenset[str] = frozenset(
 
 _TOKEN_CHARS = r"[A-Za-z0-9._~+/=-]"
 _B64URL = r"[A-Za-z0-9_-]"
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+
+
+def _credential_after_scheme(match: re.Match[str]) -> str:
+    """``Bearer <credential>``: redacted when the word after the scheme looks like a credential —
+    it has a digit or a token symbol, or is long — so "not a bearer token" stays readable."""
+    scheme, space, word = match.group(1), match.group(2), match.group(3)
+    if len(word) >= 16 or re.search(r"[0-9._~+/=-]", word):
+        return f"{scheme}{space}{REDACTED}"
+    return match.group(0)
+
+
+_PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
     # Authorization header values, whatever the scheme: `Authorization: Bearer x`, `'authorization': 'x'`.
     (re.compile(r"""(?i)(\bauthorization["']?\s*[:=]\s*["']?)[^"'\r\n,;}]+"""), r"\1" + REDACTED),
-    # `Bearer <anything token-like>` and `Basic <base64>`.
-    (re.compile(rf"(?i)\b(bearer|basic)(\s+){_TOKEN_CHARS}+"), r"\1\2" + REDACTED),
+    # `Bearer <anything token-like>` and `Basic <base64>` (not plain words: "a bearer token").
+    (re.compile(rf"(?i)\b(bearer|basic)(\s+)({_TOKEN_CHARS}+)"), _credential_after_scheme),
     # access_token=..., "refresh_token": "...", client_secret: ...
     (
         re.compile(

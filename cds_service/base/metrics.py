@@ -13,6 +13,11 @@ series                              labels                   meaning
 ``cds_feedback_total``              outcome, repeat          feedback items; ``repeat="yes"`` = resent
 ==================================  =======================  =========================================
 
+Every label value comes from a fixed set, never from what a caller or a FHIR server sends:
+``service`` from the service ids (else ``unknown``), ``resource_type`` from the resource types the
+service asks for (``FhirClient(resource_types=...)``, else ``other``), ``trial`` from the configured
+trials. As a second line, each label keeps at most :data:`MAX_SERVICE_LABELS` values per process.
+
 Multiprocess mode (gunicorn with several workers): every worker writes its values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` adds them up, whichever worker answers the scrape.
 prometheus-client chooses between in-memory and file-backed values from that environment variable
@@ -80,7 +85,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self._services: set[str] = set()
+        self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self.hook_calls = Counter(
             "cds_hook_calls_total",
@@ -122,13 +127,18 @@ class Metrics:
         )
 
     def _service_label(self, service: str) -> str:
-        if service in self._services:
-            return service
+        return self._bounded("service", service)
+
+    def _bounded(self, label: str, value: str) -> str:
+        """``value``, or ``other`` once this label has :data:`MAX_SERVICE_LABELS` values in this process."""
+        seen = self._seen.setdefault(label, set())
+        if value in seen:
+            return value
         with self._lock:
-            if len(self._services) >= MAX_SERVICE_LABELS or len(service) > 64:
+            if len(seen) >= MAX_SERVICE_LABELS or len(value) > 64:
                 return OTHER_SERVICE
-            self._services.add(service)
-        return service
+            seen.add(value)
+        return value
 
     def hook_call(self, service: str, status: int, seconds: float) -> None:
         service = self._service_label(service)
@@ -137,6 +147,7 @@ class Metrics:
 
     def fhir_query(self, resource_type: str, seconds: float, ok: bool) -> None:
         """``FhirClient(on_query=...)`` callback: one call per HTTP request to a FHIR server."""
+        resource_type = self._bounded("resource_type", resource_type)
         self.fhir_queries.labels(resource_type).observe(seconds)
         if not ok:
             self.fhir_failures.labels(resource_type).inc()

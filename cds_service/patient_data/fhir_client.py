@@ -7,9 +7,15 @@ that the searches of one hook run in parallel. Every public call takes an absolu
 work still running after the deadline is abandoned (its result is dropped), never waited for.
 
 Everything that prevents the evaluation from getting complete data raises :class:`DataUnavailable`
-(the route answers 412). Its ``reason`` is safe to log and to return: it names the resource type
-and the failure ("Observation query (vitals): HTTP 500"), never the URL query (it holds the patient
-id), the access token or other headers.
+(the route answers 412). Its ``reason`` is safe to log: it names the resource type and the failure
+("Observation query (vitals): HTTP 500"), never the URL query (it holds the patient id), the access
+token or other headers. A caller that is not trusted gets only :attr:`DataUnavailable.public_reason`
+(the category): telling "connection failed" from "HTTP 404" from "timed out" would let anyone map
+which hosts and ports answer HTTP behind the service.
+
+Size: one hook's responses together (every query and page) may hold at most
+``max_response_bytes`` (:class:`ByteBudget`); bodies are read as a stream and cut at the limit, so a
+huge answer costs neither the memory nor the time of reading it whole.
 
 Token safety: the bearer token is only sent to URLs inside ``base_url`` *and* inside an allowed
 server (``allowed_servers``; when empty, any https server, and http servers only with
@@ -37,7 +43,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri
 
-__all__ = ["DEADLINE_SLACK", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
+__all__ = ["DEADLINE_SLACK", "ByteBudget", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,11 @@ _ACCEPT = "application/fhir+json"
 _USER_AGENT = "cds-septic-shock-trials fhir-client"
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: The metrics label of a request whose resource type is not one the service asks for.
+OTHER_RESOURCE_TYPE = "other"
+#: What an untrusted caller is told when the FHIR server could not be used (details go to the log).
+PUBLIC_FETCH_REASON = "the FHIR server could not be read in time"
+PUBLIC_NOT_ALLOWED_REASON = "the fhirServer is not one this service is configured to use"
 
 _T = TypeVar("_T")
 
@@ -59,6 +70,9 @@ class DataUnavailable(Exception):
     ``reason`` is safe to log: no token, no patient id, no full URL query.
     """
 
+    #: What the category is, for callers who may not see the details (see the module docstring).
+    public_reason: str | None = None
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -66,6 +80,35 @@ class DataUnavailable(Exception):
 
 class ServerNotAllowed(DataUnavailable):
     """The FHIR server named by the hook is not one this service may contact."""
+
+    public_reason = PUBLIC_NOT_ALLOWED_REASON
+
+
+class ByteBudget:
+    """How many more response bytes one hook may read (thread-safe: its queries run in parallel)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int, label: str) -> None:
+        with self._lock:
+            self._used += count
+            over = self._used > self.limit
+        if over:
+            raise DataUnavailable(f"{label}: FHIR responses over the limit of {self.limit} bytes")
+
+    def check_announced(self, length: str | None, label: str) -> None:
+        """Fail before reading when the announced Content-Length alone is over what is left."""
+        try:
+            announced = int(length) if length is not None else 0
+        except ValueError:
+            return
+        with self._lock:
+            over = self._used + announced > self.limit
+        if over:
+            raise DataUnavailable(f"{label}: FHIR responses over the limit of {self.limit} bytes")
 
 
 def _origin_and_path(url: str) -> tuple[str, str, int | None, str]:
@@ -145,17 +188,20 @@ def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]
     return resources
 
 
-def _read_body(response: requests.Response, deadline: float, label: str) -> bytes:
-    """The (decoded) body, read piece by piece with the deadline checked between pieces.
+def _read_body(response: requests.Response, deadline: float, label: str, budget: ByteBudget) -> bytes:
+    """The (decoded) body, read piece by piece with the deadline and the size budget checked between
+    pieces (decoded bytes count: a small compressed body cannot expand past the limit).
 
     ``read1`` returns whatever one socket read gives, so a server trickling its body a few bytes at a
     time cannot keep the worker thread past the deadline (``iter_content`` would block until a whole
     chunk has arrived). urllib3 < 2.3 has no ``read1``: fall back to ``iter_content`` there.
     """
+    budget.check_announced(response.headers.get("Content-Length"), label)
     chunks: list[bytes] = []
     read1 = getattr(response.raw, "read1", None)
     pieces = iter(lambda: read1(_CHUNK_BYTES, decode_content=True), b"") if read1 else None
     for chunk in pieces or response.iter_content(_CHUNK_BYTES):
+        budget.take(len(chunk), label)
         chunks.append(chunk)
         if time.monotonic() > deadline:
             raise DataUnavailable(f"{label}: deadline exceeded")
@@ -166,9 +212,13 @@ class FhirClient:
     """Fetches FHIR data for hooks from the hook's ``fhirServer`` within a deadline.
 
     ``fhir`` is ``settings.section("fhir")``: ``allowed_servers``, ``allow_http``,
-    ``deadline_seconds``, ``lookback_hours``, ``page_size``, ``max_pages``, ``max_workers``.
-    Thread-safe: concurrent hooks may share one client. Safe across ``fork()`` too: a child process
-    gets a fresh session and pool on first use.
+    ``deadline_seconds``, ``lookback_hours``, ``page_size``, ``max_pages``, ``max_workers``,
+    ``max_response_bytes``. Thread-safe: concurrent hooks may share one client. Safe across
+    ``fork()`` too: a child process gets a fresh session and pool on first use.
+
+    ``on_query`` gets the resource type of the request the service made (from its own query, never
+    from the response or a ``next`` link), or ``"other"`` when that type is not in
+    ``resource_types`` (the types the service asks for): metrics labels stay a fixed set.
     """
 
     def __init__(
@@ -176,9 +226,12 @@ class FhirClient:
         fhir: dict[str, Any],
         session: requests.Session | None = None,
         on_query: Callable[[str, float, bool], None] | None = None,
+        resource_types: Collection[str] | None = None,
     ) -> None:
         #: Called after every HTTP request with (resource type, seconds, ok) — e.g. ``Metrics.fhir_query``.
         self.on_query = on_query
+        self.resource_types = frozenset(resource_types) if resource_types is not None else None
+        self.max_response_bytes: int = int(fhir.get("max_response_bytes", 32 * 1024 * 1024))
         self.allowed_servers: list[str] = [str(url).rstrip("/") for url in fhir.get("allowed_servers") or []]
         self.allow_http: bool = bool(fhir.get("allow_http", False))
         self.deadline_seconds: float = float(fhir.get("deadline_seconds", 3.0))
@@ -271,6 +324,7 @@ class FhirClient:
         deadline: float,
         *,
         single_page: Collection[str] = (),
+        budget: ByteBudget | None = None,
     ) -> dict[str, list[dict[str, Any]]]:
         """Run every search concurrently, following ``next`` links; key -> resources (all pages).
 
@@ -278,11 +332,13 @@ class FhirClient:
         ``"Observation?patient=123&code=http://loinc.org|2524-7&date=ge2026-11-18T00:00:00Z"``.
         Values must already be URL-safe: a ``+`` in a time-zone offset must be written ``%2B``.
         Keys in ``single_page`` get their first page only (``_sort=-date&_count=N``: "the latest N").
-        Raises :class:`DataUnavailable` as soon as one search fails, or at the deadline.
+        Raises :class:`DataUnavailable` as soon as one search fails, or at the deadline. ``budget``
+        (default: a new one of ``max_response_bytes``) is shared by every response read.
         """
         self.check_server(base_url)
         if not queries:
             return {}
+        budget = budget or self.new_budget()
         _, executor = self._pool()
         futures: dict[str, concurrent.futures.Future[list[dict[str, Any]]]] = {}
         labels: dict[str, str] = {}
@@ -299,6 +355,8 @@ class FhirClient:
                 set(),
                 pages=0,
                 page_limit=1 if key in single_page else None,
+                budget=budget,
+                kind=_resource_type(query),
             )
         done, pending = concurrent.futures.wait(
             futures.values(),
@@ -319,9 +377,19 @@ class FhirClient:
         return {key: future.result() for key, future in futures.items()}
 
     def follow_next(
-        self, base_url: str, token: str | None, bundle: dict[str, Any], deadline: float
+        self,
+        base_url: str,
+        token: str | None,
+        bundle: dict[str, Any],
+        deadline: float,
+        resource_type: str = "FHIR",
+        budget: ByteBudget | None = None,
     ) -> list[dict[str, Any]]:
-        """All resources of a (prefetch) searchset Bundle: its own plus those of its ``next`` pages."""
+        """All resources of a (prefetch) searchset Bundle: its own plus those of its ``next`` pages.
+
+        ``resource_type`` is what the service asked for with this prefetch key (the label of the
+        requests in logs and metrics; the Bundle's own content, sent by the caller, is not used).
+        """
         self.check_server(base_url)
         try:
             first = _bundle_resources(bundle, "prefetch Bundle")
@@ -330,28 +398,34 @@ class FhirClient:
         next_url = _next_link(bundle)
         if next_url is None:
             return first
-        kind = first[0].get("resourceType") if first else None
-        if not (isinstance(kind, str) and _RESOURCE_TYPE.match(kind)):
-            kind = _resource_type(urlsplit(next_url).path.rsplit("/", 1)[-1])
+        kind = resource_type if _RESOURCE_TYPE.match(resource_type) else "FHIR"
         label = f"{kind} prefetch paging"
+        budget = budget or self.new_budget()
         seen: set[str] = set()
         for link in bundle.get("link") or []:
             if isinstance(link, dict) and link.get("relation") == "self" and isinstance(link.get("url"), str):
                 seen.add(requote_uri(link["url"]))
         rest = self._run(
-            lambda: self._follow(base_url, token, base_url, next_url, deadline, label, seen, pages=1),
+            lambda: self._follow(
+                base_url, token, base_url, next_url, deadline, label, seen, pages=1, budget=budget, kind=kind
+            ),
             deadline,
             label,
         )
         return first + rest
 
-    def read(self, base_url: str, token: str | None, path: str, deadline: float) -> dict[str, Any]:
+    def read(
+        self, base_url: str, token: str | None, path: str, deadline: float, budget: ByteBudget | None = None
+    ) -> dict[str, Any]:
         """Read one resource, e.g. ``path="Patient/123"``."""
         self.check_server(base_url)
         kind = _resource_type(path)
         label = f"{kind} read"
         url = _join(base_url, path)
-        resource = self._run(lambda: self._get_json(url, base_url, token, deadline, label), deadline, label)
+        budget = budget or self.new_budget()
+        resource = self._run(
+            lambda: self._get_json(url, base_url, token, deadline, label, budget, kind), deadline, label
+        )
         if resource.get("resourceType") != kind and kind != "FHIR":
             shown = resource.get("resourceType")
             shown = shown if isinstance(shown, str) and _RESOURCE_TYPE.match(shown) else "no resourceType"
@@ -360,8 +434,14 @@ class FhirClient:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def new_budget(self) -> ByteBudget:
+        """A byte budget of ``max_response_bytes``: one per hook, shared by all its reads."""
+        return ByteBudget(self.max_response_bytes)
+
     def _fail(self, error: DataUnavailable) -> DataUnavailable:
         logger.warning("FHIR data unavailable: %s", error.reason)
+        if error.public_reason is None:
+            error.public_reason = PUBLIC_FETCH_REASON
         return error
 
     def _run(self, work: Callable[[], _T], deadline: float, label: str) -> _T:
@@ -387,11 +467,14 @@ class FhirClient:
         seen: set[str],
         pages: int,
         page_limit: int | None = None,
+        budget: ByteBudget | None = None,
+        kind: str = "FHIR",
     ) -> list[dict[str, Any]]:
         """Fetch ``url`` and every following ``next`` page; ``pages`` = pages already read.
 
         With ``page_limit``, stop quietly after that many pages (the caller asked for a first page).
         """
+        budget = budget or self.new_budget()
         resources: list[dict[str, Any]] = []
         next_url: str | None = url
         while next_url is not None and (page_limit is None or pages < page_limit):
@@ -410,7 +493,7 @@ class FhirClient:
                 )
             seen.add(key)
             page_label = label if pages == 0 else f"{label} page {pages + 1}"
-            bundle = self._get_json(absolute, base_url, token, deadline, page_label)
+            bundle = self._get_json(absolute, base_url, token, deadline, page_label, budget, kind)
             resources.extend(_bundle_resources(bundle, page_label))
             pages += 1
             current_url = absolute
@@ -418,26 +501,40 @@ class FhirClient:
         return resources
 
     def _get_json(
-        self, url: str, base_url: str, token: str | None, deadline: float, label: str
+        self,
+        url: str,
+        base_url: str,
+        token: str | None,
+        deadline: float,
+        label: str,
+        budget: ByteBudget,
+        kind: str,
     ) -> dict[str, Any]:
-        """:meth:`_fetch_json`, reported to ``on_query`` (resource type, seconds, ok) when set."""
+        """:meth:`_fetch_json`, reported to ``on_query`` (resource type, seconds, ok) when set.
+
+        ``kind`` is the resource type of the service's own query.
+        """
         if self.on_query is None:
-            return self._fetch_json(url, base_url, token, deadline, label)
+            return self._fetch_json(url, base_url, token, deadline, label, budget)
         started = time.monotonic()
         ok = False
         try:
-            document = self._fetch_json(url, base_url, token, deadline, label)
+            document = self._fetch_json(url, base_url, token, deadline, label, budget)
             ok = True
             return document
         finally:
-            kind = label.split(" ", 1)[0]
             try:
-                self.on_query(kind if _RESOURCE_TYPE.match(kind) else "FHIR", time.monotonic() - started, ok)
+                self.on_query(self._metric_label(kind), time.monotonic() - started, ok)
             except Exception as error:  # metrics must never break a fetch
                 logger.warning("FHIR query callback failed (%s)", type(error).__name__)
 
+    def _metric_label(self, kind: str) -> str:
+        if self.resource_types is None:
+            return kind if _RESOURCE_TYPE.match(kind) else "FHIR"
+        return kind if kind in self.resource_types else OTHER_RESOURCE_TYPE
+
     def _fetch_json(
-        self, url: str, base_url: str, token: str | None, deadline: float, label: str
+        self, url: str, base_url: str, token: str | None, deadline: float, label: str, budget: ByteBudget
     ) -> dict[str, Any]:
         """GET one URL inside ``base_url`` and decode its JSON object, all within the deadline."""
         if not _inside(url, base_url):
@@ -456,7 +553,7 @@ class FhirClient:
                 if not 200 <= response.status_code < 300:
                     note = " (redirects are not followed)" if 300 <= response.status_code < 400 else ""
                     raise DataUnavailable(f"{label}: HTTP {response.status_code}{note}")
-                body = _read_body(response, deadline, label)
+                body = _read_body(response, deadline, label, budget)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
             if time.monotonic() >= deadline or isinstance(error, requests.Timeout):
                 raise DataUnavailable(f"{label}: timed out at the deadline") from None

@@ -236,9 +236,16 @@ def gather(
         assert client is not None and request.fhir_server is not None
         client.check_server(request.fhir_server)
         single_page = {q.key for q in plan.queries if q.single_page}
+        budget = client.new_budget()  # one hook's FHIR responses together: fhir.max_response_bytes
+        types = {q.key: q.resource_type for q in plan.queries}
         if to_fetch:
             fetched = client.search_many(
-                request.fhir_server, request.access_token, to_fetch, deadline, single_page=single_page
+                request.fhir_server,
+                request.access_token,
+                to_fetch,
+                deadline,
+                single_page=single_page,
+                budget=budget,
             )
             patients = fetched.pop("patient", None)
             if patients is not None:
@@ -246,7 +253,7 @@ def gather(
             data.resources.update(fetched)
         for key, bundle in to_follow.items():
             data.resources[key] = client.follow_next(
-                request.fhir_server, request.access_token, bundle, deadline
+                request.fhir_server, request.access_token, bundle, deadline, types[key], budget
             )
         data.fetched = sorted([*to_fetch, *to_follow])
     if request.fhir_server and client is not None:

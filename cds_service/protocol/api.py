@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from cerberus import Validator
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..base.datafiles import dotted_errors
 from ..base.errors import HookError, outcome_response
@@ -119,13 +120,34 @@ def health() -> Response:
     )
 
 
-def _decode_body() -> Any:
-    limit = state().settings.section("server")["max_body_bytes"]
+_READ_BYTES = 1024 * 1024
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body, read up to ``limit`` bytes: a longer one (announced or, when sent chunked
+    with no length, found on reading) is a 413 without the rest being read."""
+    too_large = HookError(413, f"request body over the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
-        raise HookError(413, f"request body over the limit of {limit} bytes")
-    raw = request.get_data(cache=False)
-    if len(raw) > limit:
-        raise HookError(413, f"request body over the limit of {limit} bytes")
+        raise too_large
+    stream = request.stream
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size <= limit:
+            part = stream.read(min(_READ_BYTES, limit + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    except RequestEntityTooLarge:  # werkzeug's own cut at MAX_CONTENT_LENGTH
+        raise too_large from None
+    if size > limit:
+        raise too_large
+    return b"".join(parts)
+
+
+def _decode_body() -> Any:
+    raw = _read_body(state().settings.section("server")["max_body_bytes"])
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -145,47 +167,93 @@ def _authenticate(service_path: str) -> None:
         raise HookError(401, "unauthorized") from None
 
 
-class _HeldUntilSent:
-    """Keeps a hook's decoded body, and the garbage collector paused, until the answer has been sent.
+class GcPause:
+    """The cyclic garbage collector, paused while this process answers hooks, with each hook's
+    decoded body kept until its answer has been sent.
 
-    Measured at 20 000 Observations (docs/performance.md): the cyclic collector makes decoding the
-    body ~1.7× slower (it keeps walking the young dicts), and freeing the decoded body costs ~35 ms.
-    So the collector is paused for the hook and the body is let go once the response is closed,
-    i.e. after the WSGI server has written it. A server (or test client) that never closes the
-    response: released when the response object goes away, or at the start of the next hook call.
+    Measured at 20 000 Observations (docs/performance.md): the collector makes decoding the body
+    ~1.7× slower (it keeps walking the young dicts), and freeing the decoded body costs ~35 ms. So a
+    hook pauses the collector and lets its body go once the response is closed, i.e. after the WSGI
+    server has written it.
+
+    The collector is process-wide and worker threads answer hooks at the same time, so the pause is
+    counted: it starts with the first hook in flight and ends (restoring the collector's earlier
+    setting) when the last one is done. Hooks that overlap without a gap would keep it paused for
+    good, so a pause that has lasted :attr:`MAX_PAUSE_SECONDS` ends with a full collection run by
+    the hook that finishes then (after its answer is sent). A hold whose response is never closed
+    (a test client) is released when the response object goes away, or by a later hook once it is
+    :attr:`STALE_SECONDS` old.
     """
 
+    MAX_PAUSE_SECONDS = 5.0
+    STALE_SECONDS = 120.0
+
     def __init__(self) -> None:
-        with _PENDING_LOCK:
-            stale = list(_PENDING)
-            _PENDING.clear()
-        for held in stale:
-            held.release()
+        self._lock = threading.Lock()
+        self._holds: list[_Hold] = []
+        self._was_enabled = True
+        self._since = 0.0
+
+    @property
+    def active(self) -> int:
+        """How many hooks hold the pause now."""
+        with self._lock:
+            return len(self._holds)
+
+    def hold(self) -> _Hold:
+        now = time.monotonic()
+        with self._lock:
+            stale = [h for h in self._holds if now - h.started > self.STALE_SECONDS]
+        for old in stale:
+            old.release()
+        held = _Hold(self, now)
+        with self._lock:
+            if not self._holds:
+                self._was_enabled = gc.isenabled()
+                self._since = now
+                gc.disable()
+            self._holds.append(held)
+        return held
+
+    def _release(self, held: _Hold) -> None:
+        collect = False
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._holds.remove(held)
+            if not self._holds:
+                if self._was_enabled:
+                    gc.enable()
+            elif self._was_enabled and time.monotonic() - self._since > self.MAX_PAUSE_SECONDS:
+                self._since = time.monotonic()
+                collect = True
+        if collect:
+            gc.collect()
+
+
+class _Hold:
+    """One hook's share of the :class:`GcPause`; ``items`` live until :meth:`release`."""
+
+    def __init__(self, pause: GcPause, started: float) -> None:
+        self._pause = pause
+        self.started = started
         self.items: list[Any] = []
         self._released = False
-        self._gc_was_enabled = gc.isenabled()
-        gc.disable()
-        with _PENDING_LOCK:
-            _PENDING.append(self)
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         self.items.clear()
-        with _PENDING_LOCK, contextlib.suppress(ValueError):
-            _PENDING.remove(self)
-        if self._gc_was_enabled:
-            gc.enable()
+        self._pause._release(self)
 
 
-_PENDING: list[_HeldUntilSent] = []
-_PENDING_LOCK = threading.Lock()
+#: One per process: the collector it pauses is process-wide.
+GC_PAUSE = GcPause()
 
 
 @bp.post("/cds-services/<service_id>")
 def call_service(service_id: str) -> Response:
-    held = _HeldUntilSent()
+    held = GC_PAUSE.hold()
     try:
         response = _answer_hook(service_id, held)
     except BaseException:
@@ -196,7 +264,7 @@ def call_service(service_id: str) -> Response:
     return response
 
 
-def _answer_hook(service_id: str, held: _HeldUntilSent) -> Response:
+def _answer_hook(service_id: str, held: _Hold) -> Response:
     started = time.monotonic()
     current = state()
     # Metrics are labelled by known service ids only: callers choose the URL.
@@ -220,9 +288,12 @@ def _answer_hook(service_id: str, held: _HeldUntilSent) -> Response:
         except DataUnavailable as exc:
             log.warning("answering 412: %s", exc.reason)
             current.metrics.hook_call(service_id, 412, time.monotonic() - started)
-            return outcome_response(
-                412, f"patient data needed for screening could not be obtained: {exc.reason}"
+            # An unauthenticated caller learns only the category (exc.public_reason): the details
+            # would tell which hosts and ports answer HTTP behind the service. They are in the log.
+            shown = (
+                exc.reason if current.verifier is not None or exc.public_reason is None else exc.public_reason
             )
+            return outcome_response(412, f"patient data needed for screening could not be obtained: {shown}")
         current.metrics.hook_call(service_id, 200, time.monotonic() - started)
         return json_response({"cards": cards})
 

@@ -522,10 +522,12 @@ def measure_fetch(
     issued: dict[str, tuple[str, bool]] = {}
 
     class RecordingClient(FhirClient):
-        def search_many(self, base_url, token, queries, deadline, *, single_page=()):  # type: ignore[no-untyped-def]
+        def search_many(self, base_url, token, queries, deadline, *, single_page=(), budget=None):  # type: ignore[no-untyped-def]
             for key, query in queries.items():
                 issued[key] = (query, key in single_page)
-            return super().search_many(base_url, token, queries, deadline, single_page=single_page)
+            return super().search_many(
+                base_url, token, queries, deadline, single_page=single_page, budget=budget
+            )
 
     settings = {**fhir_settings, "allow_http": True, "allowed_servers": [fhir_base], "deadline_seconds": 60}
     body = {
@@ -627,6 +629,7 @@ def run(
         app = create_app(settings)
         screener = app.extensions["cds"].screener
         results["machine"]["workers"] = settings.workers
+        results["machine"]["threads"] = settings.section("server")["threads"]
         results["trials"] = [t.id for t in screener.trials]
         patients: dict[int, BenchPatient] = {}
         for size in sizes:
@@ -831,7 +834,8 @@ def markdown(results: dict[str, Any]) -> str:
     header = "| figure | " + " | ".join(f"{s:,} Obs".replace(",", " ") for s in sizes) + " | target | |"
     lines = [
         f"Machine: {m['cores']} cores ({m['cpu'] or 'unknown CPU'}), {m['memory_gib']} GiB, "
-        f"{m['implementation']} {m['python']}; service: gunicorn sync, {m.get('workers')} workers. "
+        f"{m['implementation']} {m['python']}; service: gunicorn gthread, {m.get('workers')} workers × "
+        f"{m.get('threads', '?')} threads. "
         f"Medians of {results['method']['repeat']} runs; {results['generated']}; load average "
         f"{m['load_average_at_start'][0]} at the start, {m.get('load_average_at_end', ['?'])[0]} at the end.",
         "",
