@@ -7,7 +7,7 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from .base.config import Settings, load_settings
+from .base.config import Settings, load_settings, startup_warnings
 from .base.errors import outcome_response
 from .base.logs import configure_logging
 from .base.metrics import Metrics
@@ -53,6 +53,8 @@ def create_app(
         log.exception("unexpected error (%s)", type(exc).__name__)
         return outcome_response(500, "internal error: the screening could not be completed")
 
+    for warning in startup_warnings(settings):
+        log.warning(warning)
     if state.verifier is None:
         log.warning(
             "RUNNING OPEN: no trusted CDS clients configured (security.trusted_clients); "

@@ -8,11 +8,8 @@ Exit status: 0 done; 1 a check failed (invalid knowledge files, a scenario or ha
 from __future__ import annotations
 
 import argparse
-import gc
-import os
 import re
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -63,51 +60,16 @@ def nct_id(text: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import shutil
+    from .serving import serve
 
-    from gunicorn.app.base import BaseApplication
-
-    from .app import create_app
-    from .base import metrics as prometheus
-
-    settings = _settings(args, server__host=args.host, server__port=args.port, server__workers=args.workers)
-    server = settings.section("server")
-    # Aggregate /metrics across gunicorn workers: file-backed values, switched on before the app (and
-    # its metrics) exist and before the workers fork. prometheus-client picked its value class when it
-    # was imported (just above), so setting the environment variable alone is not enough. A directory
-    # we create is removed at exit; a given one ($PROMETHEUS_MULTIPROC_DIR) is emptied of old files.
-    given_dir = os.environ.get(prometheus.MULTIPROC_ENV) or ""
-    metrics_dir = prometheus.enable_multiprocess(
-        given_dir or tempfile.mkdtemp(prefix="cds-metrics-"), wipe=True
+    settings = _settings(
+        args,
+        server__host=args.host,
+        server__port=args.port,
+        server__workers=args.workers,
+        server__threads=args.threads,
     )
-    app = create_app(settings)  # loads and validates every knowledge file before any worker starts
-    # Objects created at start-up live for the worker's lifetime: keep them out of GC scans.
-    gc.collect()
-    gc.freeze()
-
-    class Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{server['host']}:{server['port']}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("worker_class", "sync")  # sync workers = cores (infrastructure.md)
-            self.cfg.set("timeout", 30)
-            self.cfg.set("keepalive", 5)
-            self.cfg.set("accesslog", None)
-            self.cfg.set("preload_app", True)
-            self.cfg.set("child_exit", lambda _arbiter, worker: prometheus.mark_process_dead(worker.pid))
-            if not given_dir:
-                self.cfg.set("on_exit", lambda _arbiter: shutil.rmtree(metrics_dir, ignore_errors=True))
-
-        def load(self) -> Any:
-            return app
-
-    print(
-        f"cds-service: serving on http://{server['host']}:{server['port']}/cds-services "
-        f"with {settings.workers} workers ({settings.source})",
-        file=sys.stderr,
-    )
-    Server().run()
-    return 0
+    return serve(settings)
 
 
 # -- evaluate ---------------------------------------------------------------------------------------
@@ -287,10 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", help="YAML configuration file (default: $CDS_CONFIG or the embedded defaults)"
         )
 
-    serve = sub.add_parser("serve", help="run the production server (gunicorn) in the foreground")
+    serve = sub.add_parser(
+        "serve", help="run the production server (gunicorn gthread, docs/deploy.md) in the foreground"
+    )
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=tcp_port, default=None, help="port (default 8080)")
-    serve.add_argument("--workers", type=int, default=None, help="sync workers (default: one per core)")
+    serve.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    serve.add_argument("--threads", type=int, default=None, help="threads per worker (default 16)")
     add_config(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -129,7 +129,12 @@ class ServiceState:
         if self._client is None:
             with self._lock:  # threaded servers: open one client, not one per racing request
                 if self._client is None:
-                    self._client = FhirClient(self.settings.section("fhir"), on_query=self.metrics.fhir_query)
+                    self._client = FhirClient(
+                        self.settings.section("fhir"),
+                        on_query=self.metrics.fhir_query,
+                        # Metrics labels: the resource types the service asks for, else "other".
+                        resource_types={q.resource_type for q in self.screener.plan.queries},
+                    )
         return self._client
 
     @property

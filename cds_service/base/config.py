@@ -30,7 +30,10 @@ DEFAULTS: dict[str, Any] = {
     "server": {
         "host": "127.0.0.1",
         "port": 8080,
-        "workers": 0,  # 0 = one sync worker per core
+        "workers": 0,  # 0 = one worker process per core
+        # Threads per worker (gunicorn gthread): hooks waiting on FHIR, slow clients and /health each
+        # take one; the screening itself is CPU-bound and uses the worker's core (docs/deploy.md).
+        "threads": 16,
         "max_body_bytes": 64 * 1024 * 1024,
         # The URL clients use to reach this service (JWT `aud` is checked against it + the route).
         "public_url": "",
@@ -76,6 +79,9 @@ DEFAULTS: dict[str, Any] = {
         "page_size": 1000,
         "max_pages": 20,
         "max_workers": 8,
+        # All FHIR responses of one hook together (each query, each page) may hold at most this many
+        # bytes; a body is read as a stream and cut at the limit (the hook then gets 412).
+        "max_response_bytes": 32 * 1024 * 1024,
     },
     "store": {
         # sqlite:///path or postgresql://user@host:port/db
@@ -88,6 +94,9 @@ DEFAULTS: dict[str, Any] = {
     "security": {
         # issuer -> {jwks_file: path} or {jwks_url: url} ; jku_allow: list of URL prefixes
         "trusted_clients": {},
+        # With no trusted clients the service runs OPEN. It refuses to do so on an address other than
+        # loopback (a container binds 0.0.0.0) unless this is set: a deliberate choice, never a default.
+        "allow_open": False,
         "clock_skew_seconds": 60,
         "jwks_timeout_seconds": 2.0,
         "jwks_cache_seconds": 3600,
@@ -162,6 +171,7 @@ SCHEMA: dict[str, Any] = {
             "host": {"type": "string", "empty": False},
             "port": {"type": "integer", "min": 1, "max": 65535},
             "workers": {"type": "integer", "min": 0, "max": 64},
+            "threads": {"type": "integer", "min": 1, "max": 256},
             "max_body_bytes": {"type": "integer", "min": 1024},
             "public_url": {"type": "string"},
         },
@@ -198,6 +208,7 @@ SCHEMA: dict[str, Any] = {
             "page_size": {"type": "integer", "min": 1, "max": 10000},
             "max_pages": {"type": "integer", "min": 1, "max": 1000},
             "max_workers": {"type": "integer", "min": 1, "max": 32},
+            "max_response_bytes": {"type": "integer", "min": 1024},
         },
     },
     "store": {
@@ -216,6 +227,7 @@ SCHEMA: dict[str, Any] = {
                 "keysrules": {"type": "string"},
                 "valuesrules": _TRUSTED_CLIENT_SCHEMA,
             },
+            "allow_open": {"type": "boolean"},
             "clock_skew_seconds": {"type": "integer", "min": 0, "max": 600},
             "jwks_timeout_seconds": {"type": "number", "min": 0.1, "max": 30},
             "jwks_cache_seconds": {"type": "integer", "min": 0},
@@ -322,6 +334,55 @@ class Settings:
         """Where users reach the worksheet's routes: ``worksheet.public_url`` or ``server.public_url``."""
         worksheet = self.raw["worksheet"]
         return str(worksheet["public_url"] or self.raw["server"]["public_url"]).rstrip("/")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _http_not_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "http" and not is_loopback(parts.hostname or "")
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What is worth a WARNING line at start-up: plain http where CDS Hooks 2.0 requires TLS."""
+    warnings: list[str] = []
+    public_url = settings.section("server")["public_url"]
+    if public_url and _http_not_loopback(public_url):
+        warnings.append(
+            f"server.public_url {public_url!r} is plain http: CDS Hooks requires TLS between the EHR "
+            "and the service (terminate it in front of the service, docs/deploy.md)"
+        )
+    for issuer, entry in settings.section("security")["trusted_clients"].items():
+        for url in [entry.get("jwks_url") or "", *(entry.get("jku_allow") or [])]:
+            if url and _http_not_loopback(url):
+                warnings.append(
+                    f"security.trusted_clients[{issuer!r}]: key set URL {url!r} is plain http: anyone on "
+                    "the path could swap the keys"
+                )
+    return warnings
+
+
+def check_open_binding(settings: Settings, host: str | None = None) -> None:
+    """Refuse to serve OPEN (no trusted clients) on an address other than loopback, unless
+    ``security.allow_open`` says so. Raises :class:`ConfigError` naming the way out."""
+    host = host if host is not None else settings.section("server")["host"]
+    if settings.auth_enabled or is_loopback(host) or settings.section("security")["allow_open"]:
+        return
+    raise ConfigError(
+        f"{settings.source}: refusing to serve OPEN (no security.trusted_clients) on {host}, which is not "
+        "a loopback address: anyone who can reach it could make the service fetch patient records with "
+        "the token they send. Configure trusted clients (docs/security.md), bind to 127.0.0.1, or set "
+        "security.allow_open: true (CDS_SECURITY_ALLOW_OPEN=true) for synthetic data only."
+    )
 
 
 def load_settings(
