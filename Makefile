@@ -16,7 +16,7 @@ APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout
 # In CI (CI set, not false/0/no) a missing piece of test infrastructure fails the build, never a skip.
 IN_CI = case "$$CI" in ""|0|false|False|FALSE|no) false;; *) true;; esac
 
-.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin npm-tools corpus test lint check bench harness image clean
+.PHONY: run demo install dev fhir-server-env postgres-bin chromium-bin npm-tools corpus nginx-bin test lint check bench probe harness image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -126,8 +126,20 @@ $(CORPUS)/hl7/.done:
 
 corpus: $(CORPUS)/synthea/.done $(CORPUS)/clinosim/.done $(CORPUS)/hl7/.done
 
+# nginx (Debian package) for the production-topology tests and `make probe`; they start and stop it.
+# Without it those tests skip on a developer's machine; in CI the install must succeed.
+nginx-bin:
+	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
+	  echo "installing nginx (Debian package)"; \
+	  if ! { $(RETRY) $(APT_GET) update && $(RETRY) $(APT_GET) install -y --no-install-recommends nginx >/dev/null; }; then \
+	    if $(IN_CI); then echo "ERROR: could not install nginx, which CI needs" >&2; exit 1; fi; \
+	    echo "WARNING: could not install nginx; the topology tests will be skipped (in CI they fail)"; \
+	  fi; \
+	  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi; \
+	fi
+
 # Ends with one line counting skipped tests; in CI any skip fails the run (tests/conftest.py).
-test: dev fhir-server-env postgres-bin chromium-bin npm-tools corpus
+test: dev fhir-server-env postgres-bin chromium-bin npm-tools corpus nginx-bin
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -139,6 +151,11 @@ check: install
 
 bench: dev fhir-server-env
 	$(BIN)/python -m cds_service.tools.bench --out bench-results
+
+# The serving figures of docs/deploy.md (slow clients, hanging and huge FHIR answers, limits, fuzzing,
+# killed workers), for `cds-service serve` directly and behind nginx. Not part of `make test`.
+probe: dev postgres-bin nginx-bin
+	$(BIN)/python -m cds_service.tools.probe --out probe-results
 
 # Check a deployment end to end: make harness SERVICE=https://cds.example.org FHIR=https://fhir.example.org/r4
 # With no arguments it checks `make demo` (the same PORT and FHIR_PORT).
