@@ -134,6 +134,8 @@ class ServiceState:
                         on_query=self.metrics.fhir_query,
                         # Metrics labels: the resource types the service asks for, else "other".
                         resource_types={q.resource_type for q in self.screener.plan.queries},
+                        # Each of the worker's threads may be answering a hook that fetches.
+                        concurrent_hooks=int(self.settings.section("server")["threads"]),
                     )
         return self._client
 

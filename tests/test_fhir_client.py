@@ -654,3 +654,35 @@ def test_metrics_labels_come_from_the_services_own_queries(fault_server: FaultSe
         client.follow_next(fault_server.base_url, None, prefetch, deadline_in(5), "Observation")
         client.follow_next(fault_server.base_url, None, prefetch, deadline_in(5))  # type not given
     assert seen == ["Observation", "other", "Observation", "other"]
+
+
+def test_hooks_waiting_on_a_hanging_server_leave_threads_for_other_hooks(fault_server: FaultServer) -> None:
+    """The client is shared by the worker's threads: two hooks stuck on a server that never answers
+    must not leave the third hook's queries (to a good server) waiting in the pool's queue."""
+    hanging = FaultServer()
+    hanging.slow(None, 3.0)
+    fault_server.bundle(None, [{"resourceType": "Observation", "id": "1"}])
+    settings = {**DEFAULTS["fhir"], "allow_http": True, "max_workers": 2}
+    queries = {"a": "Observation?patient=p", "b": "Condition?patient=p"}
+    failures: list[str] = []
+
+    def stuck_hook(client: FhirClient) -> None:
+        try:
+            client.search_many(hanging.base_url, None, queries, deadline_in(2.5))
+        except DataUnavailable as exc:
+            failures.append(exc.reason)
+
+    try:
+        with FhirClient(settings, concurrent_hooks=3) as client:
+            stuck = [threading.Thread(target=stuck_hook, args=(client,)) for _ in range(2)]
+            for thread in stuck:
+                thread.start()
+            time.sleep(0.2)
+            started = time.monotonic()
+            result = client.search_many(fault_server.base_url, None, queries, deadline_in(1.0))
+            assert time.monotonic() - started < 1.0 and len(result["a"]) == 1
+            for thread in stuck:
+                thread.join(timeout=10)
+    finally:
+        hanging.close()
+    assert len(failures) == 2 and all("deadline" in reason for reason in failures)

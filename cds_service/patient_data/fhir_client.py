@@ -2,9 +2,12 @@
 
 One :class:`FhirClient` lives for the whole worker process. It keeps one ``requests.Session``
 (connection reuse: ~3x faster than a new connection per call) and one ``ThreadPoolExecutor`` so
-that the searches of one hook run in parallel. Every public call takes an absolute deadline (a
-``time.monotonic()`` value) and returns or raises by that deadline plus :data:`DEADLINE_SLACK`;
-work still running after the deadline is abandoned (its result is dropped), never waited for.
+that the searches of one hook run in parallel. The pool has ``max_workers`` threads for each hook
+the process may answer at once (``concurrent_hooks``, the worker's threads): hooks waiting on a
+server that does not answer cannot take the threads another hook's queries need. Every public call
+takes an absolute deadline (a ``time.monotonic()`` value) and returns or raises by that deadline plus
+:data:`DEADLINE_SLACK`; work still running after the deadline is abandoned (its result is dropped),
+never waited for.
 
 Everything that prevents the evaluation from getting complete data raises :class:`DataUnavailable`
 (the route answers 412). Its ``reason`` is safe to log: it names the resource type and the failure
@@ -227,6 +230,7 @@ class FhirClient:
         session: requests.Session | None = None,
         on_query: Callable[[str, float, bool], None] | None = None,
         resource_types: Collection[str] | None = None,
+        concurrent_hooks: int = 1,
     ) -> None:
         #: Called after every HTTP request with (resource type, seconds, ok) — e.g. ``Metrics.fhir_query``.
         self.on_query = on_query
@@ -239,6 +243,7 @@ class FhirClient:
         self.page_size: int = int(fhir.get("page_size", 1000))
         self.max_pages: int = int(fhir.get("max_pages", 20))
         self.max_workers: int = int(fhir.get("max_workers", 8))
+        self.pool_threads = self.max_workers * max(1, int(concurrent_hooks))
         self._given_session = session
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -259,7 +264,8 @@ class FhirClient:
         return session
 
     def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        return concurrent.futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="fhir")
+        # Threads are started on demand, up to the limit.
+        return concurrent.futures.ThreadPoolExecutor(max_workers=self.pool_threads, thread_name_prefix="fhir")
 
     def _pool(self) -> tuple[requests.Session, concurrent.futures.ThreadPoolExecutor]:
         """The session and executor of this process (rebuilt once after a fork: threads do not survive it)."""
