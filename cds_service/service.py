@@ -1,7 +1,8 @@
 """Per-process service state: loaded knowledge, the FHIR client, the store, the JWT verifier.
 
-Heavy, fork-unsafe things (HTTP sessions, database connections) are created lazily in the worker
-process that uses them, never in the gunicorn master before the fork.
+Fork-unsafe things (the FHIR client's HTTP session and threads) are created lazily in the worker
+process that uses them. The store is opened in the gunicorn master (``serving.py``: its migrations
+run once) and is fork-safe: each process opens its own database connections.
 """
 
 from __future__ import annotations
@@ -119,8 +120,11 @@ class ServiceState:
 
     # -- process-local resources --------------------------------------------------------------------
     def _check_fork(self) -> None:
+        # The FHIR client's threads do not survive a fork: a new one per process. The store is kept:
+        # it is fork-safe itself (it opens new connections in the child and never closes inherited
+        # ones), and opening it again would run its schema check inside a worker's first hook.
         if os.getpid() != self._pid:
-            self._pid, self._client, self._store = os.getpid(), None, None
+            self._pid, self._client = os.getpid(), None
             self._lock = threading.Lock()
 
     @property

@@ -24,6 +24,7 @@ host would otherwise share ``~/.gunicorn/gunicorn.ctl``).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import sys
@@ -38,6 +39,8 @@ from .app import create_app
 from .base import metrics as prometheus
 from .base.config import Settings, check_open_binding
 from .base.errors import operation_outcome
+
+log = logging.getLogger(__name__)
 
 #: gunicorn's per-header-line limit: above the service's own 16 KiB ``Authorization`` check
 #: (protocol/auth.py), so that such a header gets the service's JSON 401, not gunicorn's error.
@@ -117,6 +120,17 @@ class _Server(BaseApplication):  # type: ignore[misc]
         return self._app
 
 
+def open_store_before_fork(app: Any) -> None:
+    """Open the store (and apply its migrations) once, here, before the workers fork: otherwise each
+    worker's first hook opens it inside the hook's short store budget and shows its cards without the
+    silence check. A store that cannot be reached now is not fatal (cards are still answered): the
+    workers keep trying, and the log says so."""
+    try:
+        app.extensions["cds"].store  # noqa: B018 - the property opens it
+    except Exception:
+        log.exception("store unavailable at start-up: the workers will keep trying")
+
+
 def serve(settings: Settings) -> int:
     """Build the app in this process, then fork the workers and serve in the foreground."""
     check_open_binding(settings)  # before anything starts: a ConfigError names the way out
@@ -129,6 +143,7 @@ def serve(settings: Settings) -> int:
         given_dir or tempfile.mkdtemp(prefix="cds-metrics-"), wipe=True
     )
     app = create_app(settings)  # loads and validates every knowledge file before any worker starts
+    open_store_before_fork(app)
     # Objects created at start-up live for the worker's lifetime: keep them out of GC scans.
     gc.collect()
     gc.freeze()

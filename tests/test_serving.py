@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -265,3 +266,49 @@ def test_no_feedback_is_lost_when_a_worker_is_killed_mid_load(tmp_path: Path, fe
     assert {f.user_comment for f in stored} == {
         f"message {i} item {item}" for i in range(messages) for item in range(2)
     }
+
+
+def test_hook_requests_validated_on_many_threads_at_once_get_their_own_answer() -> None:
+    """gthread workers validate on many threads at once: each request gets its own verdict and its own
+    error fields (cerberus validators keep per-call state, so a shared one would mix them up)."""
+    from cds_service.base.errors import HookError
+    from cds_service.patient_data.hook_request import parse_hook_request
+
+    bad_fields = ["hookInstance", "context.patientId", "context.userId", "fhirServer"]
+    barrier = threading.Barrier(8)
+    mistakes: list[str] = []
+
+    def validate(thread_no: int) -> None:
+        barrier.wait()
+        for round_no in range(40):
+            body: dict[str, Any] = {
+                "hook": "patient-view",
+                "hookInstance": str(uuid.uuid4()),
+                "context": {"userId": "Practitioner/1", "patientId": f"p{thread_no}"},
+            }
+            field = bad_fields[(thread_no + round_no) % len(bad_fields)] if round_no % 2 else None
+            if field == "hookInstance":
+                body["hookInstance"] = "not-a-uuid"
+            elif field == "fhirServer":
+                body["fhirServer"] = 42
+            elif field is not None:
+                body["context"][field.split(".")[1]] = 7
+            try:
+                parse_hook_request(body, "patient-view")
+                if field is not None:
+                    mistakes.append(f"{field} accepted")
+            except HookError as exc:
+                if field is None or exc.expression != [field]:
+                    mistakes.append(f"expected {field}, got {exc.expression}")
+
+    threads = [threading.Thread(target=validate, args=(n,)) for n in range(8)]
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded worker does, so that races show
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert mistakes == []

@@ -6,13 +6,10 @@ copies what it validates. Its shape is read, key by key, by ``gather.py``.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from cerberus import Validator
-
-from ..base.datafiles import dotted_errors
+from ..base.datafiles import ValidatorPool, dotted_errors
 from ..base.errors import HookError
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -53,16 +50,8 @@ HOOK_REQUEST_SCHEMA: dict[str, Any] = {
 }
 
 
-_local = threading.local()
-
-
-def _validator() -> Validator:
-    """One validator per thread: building one costs more than validating (cerberus checks the schema),
-    and a validator keeps per-call state, so it must not be shared between threads."""
-    validator = getattr(_local, "validator", None)
-    if validator is None:
-        validator = _local.validator = Validator(HOOK_REQUEST_SCHEMA, allow_unknown=True)
-    return validator
+#: The hook request's validators (see ValidatorPool: built once, lent to one thread at a time).
+_VALIDATORS = ValidatorPool(HOOK_REQUEST_SCHEMA, allow_unknown=True)
 
 
 @dataclass(frozen=True)
@@ -88,9 +77,9 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     if "prefetch" in body and prefetch is not None and not isinstance(prefetch, dict):
         raise HookError(400, "prefetch: must be an object", ["prefetch"])
     header = {key: value for key, value in body.items() if key != "prefetch"}
-    validator = _validator()
-    if not validator.validate(header):
-        problems = dotted_errors(validator.errors)
+    with _VALIDATORS.lend() as validator:
+        problems = None if validator.validate(header) else dotted_errors(validator.errors)
+    if problems is not None:
         text = "; ".join(f"{path}: {message}" for path, message in problems)
         raise HookError(400, f"invalid hook request: {text}", sorted({path for path, _ in problems}))
     if body["hook"] != expected_hook:

@@ -12,11 +12,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from cerberus import Validator
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..base.datafiles import dotted_errors
+from ..base.datafiles import ValidatorPool, dotted_errors
 from ..base.errors import HookError, outcome_response
 from ..base.logs import hook_context
 from ..patient_data.fhir_client import DataUnavailable
@@ -70,6 +69,9 @@ FEEDBACK_SCHEMA: dict[str, Any] = {
         },
     }
 }
+
+
+_FEEDBACK_VALIDATORS = ValidatorPool(FEEDBACK_SCHEMA, allow_unknown=True)
 
 
 def state() -> ServiceState:
@@ -316,9 +318,9 @@ def feedback(service_id: str) -> Response:
         body = _decode_body()
         if not isinstance(body, dict):
             raise HookError(400, "the feedback body must be a JSON object")
-        validator = Validator(FEEDBACK_SCHEMA, allow_unknown=True)
-        if not validator.validate(body):
-            problems = dotted_errors(validator.errors)
+        with _FEEDBACK_VALIDATORS.lend() as validator:
+            problems = None if validator.validate(body) else dotted_errors(validator.errors)
+        if problems is not None:
             raise HookError(
                 400,
                 "invalid feedback: " + "; ".join(f"{p}: {m}" for p, m in problems),

@@ -72,6 +72,15 @@ def _stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> 
         process.wait(timeout=5)
 
 
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has released its sockets already)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _cds_service_command() -> list[str]:
     script = Path(sys.executable).parent / "cds-service"
     return [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
@@ -159,10 +168,17 @@ class ServiceInstance:
         if self.process is not None:
             _stop_group(self.process)
 
-    def kill(self) -> None:
-        """SIGKILL to the master and its workers at once: the instance dies mid-request."""
-        if self.process is not None:
-            _stop_group(self.process, signal.SIGKILL)
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL to the master and its workers at once: the instance dies mid-request. Returns once
+        every one of its processes has exited (a worker outlives its master by a moment, and while
+        it lives the listening socket still accepts connections)."""
+        if self.process is None:
+            return
+        pids = self.pids()
+        _stop_group(self.process, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def __enter__(self) -> ServiceInstance:
         return self.start()
