@@ -29,10 +29,15 @@ Conventions:
   the threshold and lasts until the last consecutive value beyond it — the time after the last
   value is not counted; a gap between two consecutive measurements longer than ``max_gap`` breaks
   the run (we cannot vouch for unobserved hours).
+- **Linear time.** The VIS segments and series, the vasopressor episodes and the lactates around
+  them are each one sweep over events sorted by time, O(n log n) (issue 17); the series rules above
+  are single passes. ``tests/test_sweep_line.py`` checks them against the rescan-everything
+  definitions kept in ``tests/sweep_oracles.py``.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -193,6 +198,8 @@ class _Segment(NamedTuple):
 
 
 _RUNNING = float("inf")
+#: A NamedTuple built without its Python-level ``__new__`` (every field given): built per record.
+_new_tuple = tuple.__new__
 #: A record with a period start and no end is running unless its status says it has finished.
 _FINISHED = frozenset({"completed", "stopped", "on-hold"})
 
@@ -226,6 +233,12 @@ def _infusion_segments(
     (ties: the one running longer, then the later record): a titration charted as a new record
     replaces the old rate without double counting, and when a short later record ends, an earlier
     record still running gives the rate again.
+
+    One sweep per drug over the records' start and stop times, O(n log n) for the sort and O(n)
+    after it (issue 17; ``tests/test_sweep_line.py`` checks it against the version that rescans
+    every record at every boundary). Of records starting at the same moment only the preferred one
+    can ever give the rate, so the candidates have distinct starts and sit on a stack, latest start
+    on top; one that has stopped is dropped when it reaches the top.
     """
     by_drug: dict[str, list[AdministrationFact]] = {}
     for record in administrations:
@@ -233,39 +246,74 @@ def _infusion_segments(
             by_drug.setdefault(record.drug, []).append(record)
     segments: list[_Segment] = []
     for drug, records in by_drug.items():
-        records.sort(key=lambda r: r.start)
-        spans: list[tuple[float, float, int, AdministrationFact]] = []
-        for index, record in enumerate(records):
-            next_start = next((r.start for r in records[index + 1 :] if r.start > record.start), None)
-            end = _record_end(record, next_start, at)
-            if end is not None and end > record.start:
-                spans.append((record.start, end, index, record))
+        records.sort(key=_start_of)  # stable: equal starts keep their order (the last tie-break)
+        # (start, end, record) of each record that runs, built latest first (`following` is the
+        # drug's next later start: a rate charted at one moment runs until then), then put in order.
+        spans: list[tuple[float, float, AdministrationFact]] = []
+        following: float | None = None
+        for index in range(len(records) - 1, -1, -1):
+            record = records[index]
+            start = record.start
+            end = _record_end(record, following, at)
+            if end is not None and end > start:
+                spans.append((start, end, record))
+            if index and records[index - 1].start < start:
+                following = start
+        spans.reverse()
         boundaries = sorted({span[0] for span in spans} | {span[1] for span in spans if span[1] != _RUNNING})
+        # The candidate for each distinct start: the one running longest, then the later record.
+        candidates: list[tuple[float, float, AdministrationFact]] = []
+        for span in spans:
+            if candidates and candidates[-1][0] == span[0]:
+                if span[1] >= candidates[-1][1]:
+                    candidates[-1] = span
+            else:
+                candidates.append(span)
+        stack: list[tuple[float, float, AdministrationFact]] = []
+        pending = iter(candidates)
+        upcoming = next(pending, None)
         drug_segments: list[_Segment] = []
+        last = len(boundaries) - 1
         for position, time in enumerate(boundaries):
-            active = [span for span in spans if span[0] <= time < span[1]]
-            if not active:
+            if upcoming is not None and upcoming[0] == time:
+                stack.append(upcoming)
+                upcoming = next(pending, None)
+            while stack and stack[-1][1] <= time:  # stopped at or before this boundary
+                stack.pop()
+            if not stack:
                 continue
-            winner = max(active, key=lambda span: (span[0], span[1], span[2]))[3]
-            until = boundaries[position + 1] if position + 1 < len(boundaries) else None
-            previous = drug_segments[-1] if drug_segments else None
-            if previous is not None and previous.resource == winner.resource and previous.end == time:
-                drug_segments[-1] = previous._replace(end=until)
-                continue
+            winner = stack[-1][2]
+            until = boundaries[position + 1] if position < last else None
+            if drug_segments:
+                previous = drug_segments[-1]
+                if previous.resource == winner.resource and previous.end == time:
+                    drug_segments[-1] = previous._replace(end=until)
+                    continue
             drug_segments.append(
-                _Segment(
-                    drug,
-                    time,
-                    until,
-                    winner.rate,
-                    winner.rate_unit,
-                    winner.resource,
-                    winner.matched_by,
-                    winner.rate_note,
+                _new_tuple(
+                    _Segment,
+                    (
+                        drug,
+                        time,
+                        until,
+                        winner.rate,
+                        winner.rate_unit,
+                        winner.resource,
+                        winner.matched_by,
+                        winner.rate_note,
+                    ),
                 )
             )
         segments.extend(drug_segments)
     return segments
+
+
+def _start_of(record: AdministrationFact) -> float:
+    return record.start
+
+
+def _time_of(fact: ObservationFact) -> float:
+    return fact.time
 
 
 def vis_series(
@@ -288,36 +336,68 @@ def vis_series(
         summary = Derived(0.0, "known", (Evidence("no vasoactive infusion running in the look-back window"),))
         return [], summary
     weight = weight if weight is not None else body_weight(facts, at)
-    change_times = sorted({s.start for s in segments} | {s.end for s in segments if s.end is not None})
-    points: list[ObservationFact] = []
+    # A segment's dose and its text do not change while it runs: worked out once per segment. The
+    # score is unknown as soon as one dose cannot be had: that of the first such segment in time
+    # (then in the drugs' order) is named, as a walk through time would find it.
+    by_drug: dict[str, list[_Segment]] = {}
+    for segment in segments:
+        by_drug.setdefault(segment.drug, []).append(segment)
+    groups: list[tuple[list[_Segment], list[tuple[float, str, str]]]] = []
+    failed: tuple[float, int, _Segment, str, bool] | None = None
     used_weight = False
+    for group, drug_segments in enumerate(by_drug.values()):
+        drug = vis_drugs[drug_segments[0].drug]
+        terms: list[tuple[float, str, str]] = []
+        for segment in drug_segments:
+            dose, why, per_kg = _dose(segment, drug.dose_unit, knowledge, weight)
+            if dose is None:
+                if failed is None or (segment.start, group) < failed[:2]:
+                    failed = (segment.start, group, segment, why, per_kg)
+                break  # a later segment of this drug cannot come first
+            used_weight = used_weight or per_kg
+            text_note = " (matched by medication text)" if segment.matched_by == "text" else ""
+            arithmetic = _arithmetic(segment, dose, drug.dose_unit, per_kg, weight)
+            terms.append(
+                (
+                    drug.vis_coefficient * dose,  # type: ignore[operator]
+                    f"{segment.drug} {dose:.3g} {drug.dose_unit}{arithmetic}{text_note}",
+                    segment.resource,
+                )
+            )
+        groups.append((drug_segments, terms))
+    if failed is not None:
+        _, _, segment, why, per_kg = failed
+        if segment.rate is None and segment.rate_note:
+            shown = f"{segment.drug} {segment.rate_note}"  # "norepinephrine pump 67.5 mL/h, …"
+        else:
+            rate = f"{segment.rate:g} {segment.rate_unit}" if segment.rate is not None else "no rate"
+            shown = f"{segment.drug} infusion, {rate}"
+        evidence = (Evidence(shown, segment.start, (segment.resource,)), *(weight.evidence if per_kg else ()))
+        return [], Derived(None, "unknown", evidence, why)
+    # One sweep over the change times. A drug's segments do not overlap and come in time order, so
+    # each drug keeps a pointer to the segment that may be running; the drugs keep their order (the
+    # order of the terms in the sum and in the note).
+    change_times = sorted({s.start for s in segments} | {s.end for s in segments if s.end is not None})
+    pointers = [0] * len(groups)
+    points: list[ObservationFact] = []
     for time in change_times:
-        active = [s for s in segments if s.start <= time and (s.end is None or time < s.end)]
         total = 0.0
         parts: list[str] = []
         resources: list[str] = []
-        for segment in active:
-            drug = vis_drugs[segment.drug]
-            dose, why, per_kg = _dose(segment, drug.dose_unit, knowledge, weight)
-            used_weight = used_weight or per_kg
-            if dose is None:
-                if segment.rate is None and segment.rate_note:
-                    shown = f"{segment.drug} {segment.rate_note}"  # "norepinephrine pump 67.5 mL/h, …"
-                else:
-                    rate = f"{segment.rate:g} {segment.rate_unit}" if segment.rate is not None else "no rate"
-                    shown = f"{segment.drug} infusion, {rate}"
-                evidence = (
-                    Evidence(shown, segment.start, (segment.resource,)),
-                    *(weight.evidence if per_kg else ()),
-                )
-                return [], Derived(None, "unknown", evidence, why)
-            total += drug.vis_coefficient * dose  # type: ignore[operator]
-            text_note = " (matched by medication text)" if segment.matched_by == "text" else ""
-            arithmetic = _arithmetic(segment, dose, drug.dose_unit, per_kg, weight)
-            parts.append(f"{segment.drug} {dose:.3g} {drug.dose_unit}{arithmetic}{text_note}")
-            resources.append(segment.resource)
+        for group, (drug_segments, terms) in enumerate(groups):
+            position = pointers[group]
+            count = len(drug_segments)
+            while position < count and (end := drug_segments[position].end) is not None and end <= time:
+                position += 1
+            pointers[group] = position
+            if position < count and drug_segments[position].start <= time:
+                value, part, resource = terms[position]
+                total += value
+                parts.append(part)
+                resources.append(resource)
         note = " + ".join(parts) if parts else "no vasoactive infusion running"
-        points.append(ObservationFact("vis", time, total, "", ",".join(resources), "derived:vis", note))
+        fact = ("vis", time, total, "", ",".join(resources), "derived:vis", note, "")
+        points.append(_new_tuple(ObservationFact, fact))
     current = points[-1]  # every change time is at or before `at`
     evidence = [
         Evidence(
@@ -388,25 +468,33 @@ class _Episode(NamedTuple):
 
 def _vasopressor_episodes(facts: PatientFacts, knowledge: Knowledge, gap: float, at: float) -> list[_Episode]:
     """Vasopressor infusions grouped into episodes; a pause longer than ``gap`` starts a new one.
-    Boluses are left out: a push dose is no vasopressor requirement."""
+    Boluses are left out: a push dose is no vasopressor requirement. One pass in start order."""
+    vasopressors = {name for name, drug in knowledge.drugs.items() if drug.vasopressor}
     records = sorted(
-        (
-            a
-            for a in facts.administrations
-            if a.start <= at and not a.bolus and knowledge.drugs[a.drug].vasopressor
-        ),
-        key=lambda a: a.start,
+        (a for a in facts.administrations if a.start <= at and not a.bolus and a.drug in vasopressors),
+        key=_start_of,
     )
     episodes: list[_Episode] = []
+    first: AdministrationFact | None = None
+    episode_end = 0.0
     for record in records:
-        if record.end is not None:
-            end = min(max(record.end, record.start), at)
+        start, end = record.start, record.end
+        if end is not None:
+            if end < start:
+                end = start
+            if end > at:
+                end = at
         else:
-            end = record.start if record.status in _FINISHED else at
-        if episodes and record.start - episodes[-1].end <= gap:
-            episodes[-1] = episodes[-1]._replace(end=max(episodes[-1].end, end))
+            end = start if record.status in _FINISHED else at
+        if first is not None and start - episode_end <= gap:
+            if end > episode_end:
+                episode_end = end
         else:
-            episodes.append(_Episode(record, end))
+            if first is not None:
+                episodes.append(_Episode(first, episode_end))
+            first, episode_end = record, end
+    if first is not None:
+        episodes.append(_Episode(first, episode_end))
     return episodes
 
 
@@ -449,7 +537,10 @@ def septic_shock_onset(
         for c in charted
     )
     infection = [c for c in active if c.value_sets & infection_sets]
+    # In time order (as extraction gives them): each episode's lactates are then a slice (bisect).
     lactates = [f for f in facts.series("lactate") if f.time <= at and isinstance(f.value, int | float)]
+    lactates.sort(key=_time_of)
+    lactate_times = [f.time for f in lactates]
     episodes = _vasopressor_episodes(facts, knowledge, float(params["episode_gap_hours"]) * HOUR, at)
 
     no_infection: tuple[float, tuple[Evidence, ...]] | None = None
@@ -457,8 +548,10 @@ def septic_shock_onset(
     lactate_normal: list[Evidence] = []
     for episode in episodes:
         start = episode.first.start
-        seen = [
-            f for f in lactates if start - lactate_before <= f.time <= max(episode.end, start + lactate_after)
+        seen = lactates[
+            bisect.bisect_left(lactate_times, start - lactate_before) : bisect.bisect_right(
+                lactate_times, max(episode.end, start + lactate_after)
+            )
         ]
         around = [f for f in seen if f.time <= start + lactate_after]
         high = [f for f in around if float(f.value) > threshold]
