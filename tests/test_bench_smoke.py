@@ -100,6 +100,43 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
     assert not [cmd for cmd in _children() if "serve" in cmd and "cds" in cmd], _children()
 
 
+def test_single_drug_patients_tell_the_same_story_whatever_the_record_count() -> None:
+    """The "administrations" rows compare 30, 300 and 1 000 norepinephrine records: only the count
+    may differ, not the clinical answer (same statuses, same card summaries, same onset)."""
+    from datetime import UTC, datetime
+
+    from cds_service.base.config import load_settings
+    from cds_service.patient_data.gather import RawPatientData
+    from cds_service.screening import Screener
+    from cds_service.tools.icu_generator import icu_patient
+
+    screener = Screener(load_settings(environ={}))
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    answers = []
+    for count in (30, 300):
+        builder = icu_patient(1000, at, administrations=count, single_drug=True)
+        drugs = {
+            r["medicationCodeableConcept"]["text"]
+            for r in builder.resources
+            if r["resourceType"] == "MedicationAdministration"
+        }
+        assert (
+            drugs == {"norepinephrine"}
+            and sum(r["resourceType"] == "MedicationAdministration" for r in builder.resources) == count
+        )
+        data = RawPatientData(patient=builder.patient, resources={"all": builder.resources})
+        outcome = screener.screen(builder.patient_id, data, at.timestamp())
+        answers.append(
+            (
+                [r.status for r in outcome.results],
+                [card["summary"] for _, card in screener.cards(outcome)],
+                outcome.inputs.scalars["septic_shock_onset"].value,
+            )
+        )
+    assert answers[0] == answers[1]
+    assert "eligible" in answers[0][0]
+
+
 def _children() -> list[str]:
     """Command lines of this process's living children (Linux /proc)."""
     pid = os.getpid()

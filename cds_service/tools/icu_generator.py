@@ -15,6 +15,14 @@ creatinine, bilirubin) and one admission weight. SpO2, respiratory rate, tempera
 bilirubin are codes the mappings do not use: real charts are full of those. ``administrations``
 MedicationAdministrations (300 by default): the vasoactive infusions plus antibiotics, sedation,
 analgesia, insulin, heparin and fluids (codes the mappings do not know). A handful of Conditions.
+
+``single_drug=True`` charts the ``administrations`` as one drug instead: norepinephrine titrated
+from the onset until now, the records evenly spaced (30 records: every 16 min; 1 000: every 29 s),
+each record a period ending at the next one or a rate charted at a single moment (every third
+record, as flowsheet-driven EHRs send titrations), the last one still running. The rate follows
+the time since the onset, not the record count, so 30, 300 and 1 000 records tell the same clinical
+story (same onset, same VIS curve, same cards): only the number of records differs, which is what
+the benchmark's "administrations" rows measure (issue 17).
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ def icu_patient(
     span_hours: float = 60.0,
     onset_hours: float = 8.0,
     seed: int = 7,
+    single_drug: bool = False,
 ) -> PatientBuilder:
     """A dense ICU patient with exactly ``n_observations`` Observations (see the module docstring)."""
     if n_observations < 100:
@@ -107,7 +116,10 @@ def icu_patient(
             builder.bp_panel(round(systolic), round(systolic * 0.5 + rng.gauss(0, 3)), hours)
             remaining -= 1
 
-    _drug_chart(builder, rng, administrations, span_hours, onset_hours)
+    if single_drug:
+        _norepinephrine_titration(builder, rng, administrations, onset_hours)
+    else:
+        _drug_chart(builder, rng, administrations, span_hours, onset_hours)
 
     builder.condition(ICD10CM, "C92.00", "Acute myeloblastic leukemia, not in remission", span_hours + 900)
     builder.condition(SNOMED, "165517008", "Neutropenia", span_hours + 200)
@@ -145,6 +157,26 @@ def _drug_chart(
         start = span_hours - (k * span_hours / max(left, 1))
         end = max(0.0, start - min(every, 1.0))
         builder.infusion(code, display, dose, unit, start=start, end=end, status="completed")
+
+
+def _norepinephrine_titration(
+    builder: PatientBuilder, rng: random.Random, count: int, onset_hours: float
+) -> None:
+    """``count`` norepinephrine records from the onset until now (see the module docstring)."""
+    starts = [onset_hours - k * onset_hours / max(count, 1) for k in range(count)]
+    for k, start in enumerate(starts):
+        since_onset = onset_hours - start
+        rate = round(0.12 + 0.02 * min(since_onset * 4, 10) + rng.uniform(-0.01, 0.01), 3)
+        if k == count - 1:
+            builder.norepinephrine(rate, "ug/kg/min", start=start)  # still running
+        elif k % 3 == 2:
+            # A rate charted at one moment: it holds until the next record.
+            builder.norepinephrine(rate, "ug/kg/min", start=start, end=start)
+            builder.resources[-1]["status"] = "in-progress"
+            period = builder.resources[-1].pop("effectivePeriod")
+            builder.resources[-1]["effectiveDateTime"] = period["start"]
+        else:
+            builder.norepinephrine(rate, "ug/kg/min", start=start, end=starts[k + 1])
 
 
 def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
