@@ -58,6 +58,8 @@ class _Extractor:
         self._codes: dict[tuple[Any, Any], tuple[str, Any, Any]] = {}  # (system, code) → key, input, panel
         self._unknown_keys: dict[tuple[Any, Any], str] = {}  # (system, code) → unknown_codes key
         self._texts: dict[str, Any] = {}  # medication text → Drug | None
+        self._drug_codes: dict[tuple[Any, Any], Any] = {}  # (system, code) → Drug | None
+        self._rate_units: dict[str, bool] = {}  # rate unit → whether it converts to a dose rate
         self._notes: dict[tuple[str, float, float], str] = {}  # panel code, S, D → derived-mean note
         self.medications: dict[str, dict[str, Any]] = {}  # "Medication/<id>" → the resource
 
@@ -342,33 +344,38 @@ class _Extractor:
             series.append(fact)
 
     def administration(self, resource: dict[str, Any]) -> None:
-        status = resource.get("status", "")
+        get = resource.get
+        status = get("status", "")
         if status in _IGNORED_ADMINISTRATION_STATUS:
             return
-        ref = f"MedicationAdministration/{resource.get('id', '?')}"
+        ref = f"MedicationAdministration/{get('id', '?')}"
         drug, code, matched_by, medication = self._drug(resource)
         if drug is None:
             return
-        period = resource.get("effectivePeriod")
+        period = get("effectivePeriod")
         if isinstance(period, dict):
-            start, end = parse_time(period.get("start")), parse_time(period.get("end"))
+            start, end = self._time(period.get("start")), self._time(period.get("end"))
         else:
-            start = end = parse_time(resource.get("effectiveDateTime"))
+            start = end = self._time(get("effectiveDateTime"))
         if start is None:
             self.facts.skipped["MedicationAdministration"] += 1
             return
-        dosage = resource.get("dosage")
+        dosage = get("dosage")
         rate, rate_unit, rate_note = self._rate(dosage, drug, medication)
         # A dose with no rate given at one moment is a bolus (push-dose phenylephrine, epinephrine
         # in cardiac arrest): it is no vasopressor requirement and does not enter the VIS.
         bolus = (
             rate is None and not rate_note and end == start and isinstance(dosage, dict) and "dose" in dosage
         )
-        self.facts.administrations.append(
-            AdministrationFact(
-                drug.name, start, end, rate, rate_unit, ref, code, matched_by, status, bolus, rate_note
-            )
-        )
+        fact = (drug.name, start, end, rate, rate_unit, ref, code, matched_by, status, bolus, rate_note)
+        self.facts.administrations.append(_new_fact(AdministrationFact, fact))
+
+    def _converts(self, unit: str) -> bool:
+        """Whether ``unit`` is a dose rate the VIS can use (``knowledge.rate_conversion``), memoised."""
+        known = self._rate_units.get(unit)
+        if known is None:
+            known = self._rate_units[unit] = self.k.rate_conversion(unit) is not None
+        return known
 
     def _rate(
         self, dosage: Any, drug: Any, medication: dict[str, Any] | None
@@ -382,7 +389,7 @@ class _Extractor:
         if not isinstance(dosage, dict):
             return None, "", ""
         rate, unit = _rate(dosage)
-        if rate is not None and self.k.rate_conversion(unit) is not None:
+        if rate is not None and self._converts(unit):
             return rate, unit, ""
         dose = dosage.get("dose")
         if isinstance(dose, dict) and isinstance(dose.get("value"), int | float):
@@ -444,9 +451,15 @@ class _Extractor:
                 return None, "", "", None
         codings = [c for c in concept.get("coding") or () if isinstance(c, dict)]
         for coding in codings:
-            drug = self.k.drug_for(str(coding.get("system")), str(coding.get("code")))
+            system, code = coding.get("system"), coding.get("code")
+            try:
+                drug = self._drug_codes[system, code]
+            except KeyError:
+                drug = self._drug_codes[system, code] = self.k.drug_for(str(system), str(code))
+            except TypeError:  # an unhashable (malformed) system or code: not memoised
+                drug = self.k.drug_for(str(system), str(code))
             if drug is not None:
-                return drug, f"{coding.get('system')}|{coding.get('code')}", "code", medication
+                return drug, f"{system}|{code}", "code", medication
         texts = [concept.get("text")] + [c.get("display") for c in codings]
         for text in texts:
             if isinstance(text, str) and (drug := self._drug_for_text(text)) is not None:
