@@ -331,3 +331,90 @@ def septic_shock_onset(
             *lactate_normal,
         ),
     )
+
+
+# -- the series rules of the criteria language (persistence runs, trends, "for more than N h") ----
+# The fast versions in ``clinical/derived.py`` and ``clinical/criteria.py`` are single passes; these
+# rescan from the start for every value, so each says what it means without carrying state.
+
+
+def _block_start(series: Sequence[ObservationFact], compare: Any, index: int) -> int:
+    """The first index of the unbroken stretch of values beyond the threshold that ends at ``index``."""
+    start = index
+    while start > 0 and compare(series[start - 1]) is True:
+        start -= 1
+    return start
+
+
+def _counted(series: Sequence[ObservationFact], first: int, last: int, min_interval: float) -> list[int]:
+    """The values of ``series[first:last + 1]`` a run counts: each at least ``min_interval`` after the
+    previous counted one (closer ones are skipped over)."""
+    counted: list[int] = []
+    for index in range(first, last + 1):
+        if not counted or series[index].time - series[counted[-1]].time >= min_interval:
+            counted.append(index)
+    return counted
+
+
+def persistent(
+    series: Sequence[ObservationFact], compare: Any, min_interval: float, count: int = 2, current: bool = True
+) -> tuple[ObservationFact, ...] | None:
+    """The latest ``count`` counted values of a stretch beyond the threshold, ending at a counted value;
+    with ``current`` only the stretch that reaches the latest value."""
+    best: tuple[ObservationFact, ...] | None = None
+    for index in range(len(series)):
+        if compare(series[index]) is not True:
+            continue
+        if current and any(compare(f) is not True for f in series[index + 1 :]):
+            continue
+        counted = _counted(series, _block_start(series, compare, index), index, min_interval)
+        if counted[-1] == index and len(counted) >= count:
+            best = tuple(series[i] for i in counted[-count:])
+    return best
+
+
+def trend_holds(values: Sequence[ObservationFact], direction: str) -> bool:
+    """Every later value against every earlier one (not only neighbours)."""
+    pairs = [(values[i], values[j]) for i in range(len(values)) for j in range(i + 1, len(values))]
+    if direction == "non_decreasing":
+        return all(float(b.value) >= float(a.value) for a, b in pairs)
+    if direction == "non_increasing":
+        return all(float(b.value) <= float(a.value) for a, b in pairs)
+    raise ValueError(direction)
+
+
+def _joined(series: Sequence[ObservationFact], compare: Any, first: int, last: int, max_gap: float) -> bool:
+    """Whether ``series[first..last]`` is all beyond the threshold with no gap longer than ``max_gap``."""
+    return all(compare(series[i]) is True for i in range(first, last + 1)) and all(
+        series[i + 1].time - series[i].time <= max_gap for i in range(first, last)
+    )
+
+
+def sustained_run(
+    series: Sequence[ObservationFact], compare: Any, at: float, max_gap: float
+) -> tuple[float, tuple[ObservationFact, ...]] | None:
+    """Of every stretch (first, last) up to ``at`` that cannot be extended to the left, the longest;
+    ties go to the one ending later."""
+    upto = [f for f in series if f.time <= at]
+    best: tuple[float, tuple[ObservationFact, ...]] | None = None
+    for last in range(len(upto)):
+        for first in range(last + 1):
+            if not _joined(upto, compare, first, last, max_gap):
+                continue
+            if first > 0 and _joined(upto, compare, first - 1, last, max_gap):
+                continue  # not the stretch's real start
+            duration = upto[last].time - upto[first].time
+            if best is None or duration >= best[0]:
+                best = (duration, (upto[first], upto[last]))
+    return best
+
+
+def current_run(
+    values: Sequence[ObservationFact], compare: Any, at: float, max_gap: float
+) -> tuple[ObservationFact, ObservationFact] | None:
+    """The stretch that ends at the latest value, when that value is within ``max_gap`` of ``at``."""
+    if not values or at - values[-1].time > max_gap:
+        return None
+    last = len(values) - 1
+    starts = [first for first in range(last + 1) if _joined(values, compare, first, last, max_gap)]
+    return (values[min(starts)], values[last]) if starts else None

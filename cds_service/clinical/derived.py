@@ -31,8 +31,9 @@ Conventions:
   the run (we cannot vouch for unobserved hours).
 - **Linear time.** The VIS segments and series, the vasopressor episodes and the lactates around
   them are each one sweep over events sorted by time, O(n log n) (issue 17); the series rules above
-  are single passes. ``tests/test_sweep_line.py`` checks them against the rescan-everything
-  definitions kept in ``tests/sweep_oracles.py``.
+  (persistence, trends, "for more than N h") are single passes. ``tests/test_sweep_line.py`` and
+  ``tests/test_series_rules_oracle.py`` check them against the rescan-everything definitions kept
+  in ``tests/sweep_oracles.py``.
 """
 
 from __future__ import annotations
