@@ -155,7 +155,7 @@ bench: dev fhir-server-env
 # The serving figures of docs/deploy.md (slow clients, hanging and huge FHIR answers, limits, fuzzing,
 # killed workers), for `cds-service serve` directly and behind nginx. Not part of `make test`.
 probe: dev postgres-bin nginx-bin
-	$(BIN)/python -m cds_service.tools.probe --out probe-results
+	$(BIN)/python -m cds_service.tools.probe --out probe-results $(PROBE_ARGS)
 
 # Check a deployment end to end: make harness SERVICE=https://cds.example.org FHIR=https://fhir.example.org/r4
 # With no arguments it checks `make demo` (the same PORT and FHIR_PORT).

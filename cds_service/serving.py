@@ -4,9 +4,9 @@ Worker model (chosen by measurement; docs/deploy.md, "Worker model"): gunicorn *
 worker process per core and ``server.threads`` threads in each.
 
 * The screening is CPU-bound Python: one process per core is what uses every core. gevent workers
-  were measured too: one worker takes most connections and runs their screenings one after another
-  on one core (half the throughput here), and a long screening stalls every other connection of
-  that worker (``/health`` waited up to 2.5 s).
+  were measured too: a worker runs its screenings one after another, and a long screening stalls
+  every other connection of that worker; they gave fewer hooks per second than gthread here
+  (``make probe PROBE_ARGS=--compare-workers``; the figures are in docs/deploy.md).
 * A hook waiting for a slow FHIR server, and a slow client sending its request, each hold one
   thread, not a process: other hooks and ``/health`` are answered by the other threads. Sync workers
   (the previous model) gave a whole process to each, so two slow clients stopped the service.
