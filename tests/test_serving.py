@@ -312,3 +312,21 @@ def test_hook_requests_validated_on_many_threads_at_once_get_their_own_answer() 
     finally:
         sys.setswitchinterval(switch_interval)
     assert mistakes == []
+
+
+def test_the_default_worker_model_uses_every_core_with_threads_for_waiting(tmp_path: Path) -> None:
+    """What ``cds-service serve`` runs with its defaults: a gthread worker per core (the screening is
+    CPU-bound), 16 threads each (for FHIR waits, slow clients and /health), the app loaded before the
+    fork, header lines long enough for the service's own Authorization check, no control socket."""
+    from cds_service.protocol.auth import MAX_AUTHORIZATION_CHARS
+    from cds_service.serving import gunicorn_options
+    from tests.conftest import make_settings
+
+    options = gunicorn_options(make_settings(tmp_path))
+    assert options["worker_class"] == "gthread"
+    assert options["workers"] == (os.cpu_count() or 1)
+    assert options["threads"] == 16
+    assert options["preload_app"] is True
+    assert options["limit_request_field_size"] > len("Authorization: Bearer ") + MAX_AUTHORIZATION_CHARS
+    assert options["control_socket_disable"] is True
+    assert options["bind"] == "127.0.0.1:8080"

@@ -296,6 +296,31 @@ def test_retention_purge_runs_at_most_once_an_hour(store_url: str) -> None:
         assert store.screening_log() == []
 
 
+def test_the_service_applies_store_retention_days_when_it_answers_hooks(tmp_path: Path) -> None:
+    """The setting reaches the store: a worker's first hook purges what is older than retention_days."""
+    from datetime import UTC, datetime
+
+    from cds_service.app import create_app
+    from cds_service.tools.scenario_builder import PatientBuilder
+    from tests.conftest import SERVICE_URL, hook_body, make_settings
+
+    settings = make_settings(tmp_path, store={"retention_days": 30})
+    url = settings.section("store")["url"]
+    with open_store(url) as store:
+        store.record_cards([_card(NOW - 40 * DAY, "old-patient"), _card(NOW - 20 * DAY, "kept-patient")])
+    app = create_app(settings)
+    state = app.extensions["cds"]
+    try:
+        builder = PatientBuilder("retention-patient", datetime.now(UTC), age=45, gender="male")
+        assert app.test_client().post(SERVICE_URL, json=hook_body(builder)).status_code == 200
+        state.store_gate.drain()
+        patients = {row.patient_id for row in state.store.screening_log()}
+    finally:
+        state.store.close()
+    assert "old-patient" not in patients
+    assert "kept-patient" in patients
+
+
 # -- atomic writes -------------------------------------------------------------------------------------
 
 
