@@ -42,7 +42,15 @@ def _numbers(results: dict[str, Any]) -> list[Any]:
         results["throughput"]["p50_ms"],
         results["throughput"]["p99_ms"],
         results["memory"]["peak_worker_mb"],
+        results["fresh_process_loads"]["ms"],
+        results["fresh_process_loads"]["http_ratio"],
+        *(results["floor"]["ratios"].values()),
+        *(row[key] for row in _floor_rows(results) for key in ("p50_ms", "p90_ms", "cpu_ms_per_request")),
     ]
+
+
+def _floor_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [results["floor"]["stub"], *results["floor"]["service"].values()]
 
 
 def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
@@ -75,7 +83,20 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
         "throughput",
         "peak_worker_memory_mb",
         "cost_growth",
+        "floor_p50_ratio",
+        "floor_cpu_ratio",
+        "administrations_ratio",
+        "fresh_loads_ratio",
     }
+    # The floor comparison: the stub and the service at 30, 300 and 1 000 single-drug records, each
+    # with every request it was sent (batches × rounds), the bodies growing with the record count.
+    floor = results["floor"]
+    assert sorted(floor["service"], key=int) == ["30", "300", "1000"]
+    for row in _floor_rows(results):
+        assert row["requests"] == floor["rounds"] * floor["batch"] == len(row["samples_ms"]), row
+    sizes = [floor["service"][c]["body_mb"] for c in ("30", "300", "1000")]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert floor["stub"]["body_mb"] == floor["service"]["300"]["body_mb"]
     assert results["machine"]["cores"] and results["machine"]["python"]
 
     # Both reports are written; the Markdown table has a row for every figure.
@@ -92,12 +113,17 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
         "ms per 1 000 Obs",
         "throughput",
         "peak resident memory",
+        "decode-only stub",
+        "server CPU per request",
+        "hook p50 ÷ stub p50",
+        "fresh-process `orjson.loads`",
     ):
         assert label in table, label
 
     # The bench patient was removed from the shared FHIR server; the service it started is stopped.
     assert not [p for p in fhir_server.search_all("Patient?_count=1000") if p["id"].startswith("bench-")]
     assert not [cmd for cmd in _children() if "serve" in cmd and "cds" in cmd], _children()
+    assert not [cmd for cmd in _children() if "decode_stub" in cmd], _children()
 
 
 def test_single_drug_patients_tell_the_same_story_whatever_the_record_count() -> None:
@@ -155,3 +181,15 @@ def _children() -> list[str]:
             except OSError:
                 continue
     return commands
+
+
+def test_the_decode_only_stub_runs_the_worker_model_of_the_service() -> None:
+    """The floor is only a floor with the same gunicorn worker model as ``cds-service serve``."""
+    from cds_service.base.config import load_settings
+    from cds_service.serving import gunicorn_options
+    from cds_service.tools.decode_stub import WORKER_MODEL_KEYS, worker_model
+
+    for environ in ({}, {"CDS_SERVER_WORKERS": "3", "CDS_SERVER_THREADS": "4"}):
+        settings = load_settings(environ=environ)
+        served = gunicorn_options(settings)
+        assert worker_model(settings) == {key: served[key] for key in WORKER_MODEL_KEYS}

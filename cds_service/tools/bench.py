@@ -17,7 +17,14 @@
   ``requests.Session`` each) from a separate process against the production server with its
   default workers: hooks/s, p50, p99, errors;
 * **memory** — the peak resident set (``VmHWM``) of the server's workers after the largest patient;
-* **cost growth** — ms per 1 000 Observations at each size.
+* **cost growth** — ms per 1 000 Observations at each size;
+* **against the framework floor** (issue 17) — a decode-only Flask + gunicorn stub
+  (:mod:`cds_service.tools.decode_stub`, the same worker model as ``cds-service serve``) and the
+  service, both over HTTP in one interleaved run, on 1 000 Observations with 30, 300 and 1 000
+  norepinephrine records (one titration, :func:`~cds_service.tools.icu_generator.icu_patient`'s
+  ``single_drug``): p50 and the server's CPU time per request (its workers' scheduler time from
+  ``/proc``), reported as ratios within the run; and a fresh-process ``orjson.loads`` of the
+  largest body.
 
 Medians over ``--repeat`` runs. Results: ``<out>/results.json`` and ``<out>/results.md``.
 Every process started here (FHIR server, service, load generator) is stopped by pid when done,
@@ -68,7 +75,19 @@ TARGETS = {
     "throughput_p99_ms_max": 100.0,
     "memory_mb_max": 200.0,  # peak worker RSS at the largest size
     "growth_max": 1.5,  # ms per 1 000 Observations, largest size ÷ smallest size ("roughly flat")
+    # Issue 17, each a ratio within one interleaved run against the decode-only stub:
+    "floor_p50_ratio_max": 2.5,  # hook p50 ÷ stub p50, 1 000 Obs and 300 single-drug records (aim 2.0)
+    "floor_cpu_ratio_max": 2.0,  # server CPU per hook ÷ the stub's CPU per request, same patient
+    "administrations_ratio_max": 2.0,  # hook p50 with 1 000 records ÷ with 30, at 1 000 Obs
+    "fresh_loads_ratio_max": 1.25,  # hook over HTTP ÷ a fresh-process orjson.loads, largest size
 }
+#: The single-drug patients of the floor comparison: 1 000 Observations, this many norepinephrine records.
+FLOOR_OBSERVATIONS = 1000
+FLOOR_ADMINISTRATIONS = (30, 300, 1000)
+#: The record count the stub's body and the CPU target use (the issue's ordinary ICU patient).
+FLOOR_REFERENCE = 300
+#: Requests per target per round of the floor comparison (its CPU time is read around each batch).
+FLOOR_BATCH = 20
 SERVER_START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
 
@@ -168,8 +187,17 @@ class BenchPatient:
     counts: dict[str, int]
 
 
-def make_patient(size: int, queries: Any, run_id: str) -> BenchPatient:
-    builder = icu_patient(size, datetime.now(UTC), patient_id=f"bench-{size}-{run_id}")
+def make_patient(
+    size: int, queries: Any, run_id: str, administrations: int = 300, single_drug: bool = False
+) -> BenchPatient:
+    suffix = f"-nore{administrations}" if single_drug else ""
+    builder = icu_patient(
+        size,
+        datetime.now(UTC),
+        patient_id=f"bench-{size}{suffix}-{run_id}",
+        administrations=administrations,
+        single_drug=single_drug,
+    )
     observations = [r for r in builder.resources if r["resourceType"] == "Observation"]
     counts: dict[str, int] = {}
     for resource in builder.resources:
@@ -253,14 +281,23 @@ def _cds_service_command() -> list[str]:
 
 
 class ServiceServer:
-    """``cds-service serve`` in a subprocess on a free loopback port, its store in a temporary folder."""
+    """``cds-service serve`` in a subprocess on a free loopback port, its store in a temporary folder.
 
-    def __init__(self, workdir: Path) -> None:
+    ``stub=True`` runs the decode-only stub (:mod:`cds_service.tools.decode_stub`) instead, with the
+    same environment and worker model."""
+
+    def __init__(self, workdir: Path, stub: bool = False) -> None:
         self.workdir = workdir
+        self.stub = stub
         self.port = 0
         self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "cds-service.log"
+        self.log_path = workdir / ("decode-stub.log" if stub else "cds-service.log")
+
+    def _command(self) -> list[str]:
+        if self.stub:
+            return [sys.executable, "-m", "cds_service.tools.decode_stub", "--port", str(self.port)]
+        return [*_cds_service_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
 
     def start(self) -> None:
         metrics_dir = self.workdir / "metrics"
@@ -276,7 +313,7 @@ class ServiceServer:
             self.url = f"http://127.0.0.1:{self.port}"
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
-                    [*_cds_service_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                    self._command(),
                     cwd=PROJECT_ROOT,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -289,7 +326,8 @@ class ServiceServer:
                 return
             self.stop()
             if attempt == 2:
-                raise RuntimeError(f"cds-service serve did not start; log tail:\n{self.log_tail()}")
+                what = "the decode-only stub" if self.stub else "cds-service serve"
+                raise RuntimeError(f"{what} did not start; log tail:\n{self.log_tail()}")
 
     def _wait_ready(self) -> bool:
         assert self.process is not None
@@ -500,6 +538,148 @@ def run_load(
     return result
 
 
+# -- against the framework floor (issue 17) ---------------------------------------------------------
+
+
+def _cpu_ns(pids: list[int]) -> int:
+    """CPU time of the processes in nanoseconds: the scheduler's run time of each of their threads
+    (``/proc/<pid>/task/*/schedstat``; ``/proc/<pid>/stat``'s 10 ms ticks where that is missing)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            total += sum(int((task / "schedstat").read_text().split()[0]) for task in tasks)
+        except (OSError, IndexError, ValueError):
+            total += int(_cpu_seconds([pid]) * 1e9)
+    return total
+
+
+@dataclass
+class _FloorTarget:
+    """One row of the floor comparison: a server, the body posted to it, what was measured."""
+
+    name: str
+    server: ServiceServer
+    body: bytes
+    session: requests.Session
+    samples: list[float]
+    cpu_ns: int = 0
+    requests: int = 0
+
+    def post(self) -> float:
+        body = with_new_instance(self.body)
+        started = time.perf_counter()
+        response = self.session.post(
+            self.server.url + SERVICE_PATH,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.name} answered {response.status_code}: {response.text[:300]}")
+        return elapsed
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "body_mb": round(len(self.body) / 1e6, 2),
+            "requests": self.requests,
+            "p50_ms": _ms(statistics.median(self.samples)),
+            "p90_ms": _ms(percentile(self.samples, 90)),
+            "cpu_ms_per_request": round(self.cpu_ns / 1e6 / self.requests, 2),
+            "samples_ms": [_ms(s) for s in self.samples],
+        }
+
+
+def measure_floor(
+    service: ServiceServer,
+    stub: ServiceServer,
+    bodies: dict[int, bytes],
+    rounds: int,
+    batch: int = FLOOR_BATCH,
+) -> dict[str, Any]:
+    """The service with each body of ``bodies`` (records → hook request) and the decode-only stub
+    with the reference body, interleaved: each round posts ``batch`` requests to every target in
+    turn (the order rotates), one sequential keep-alive client per server. A target's CPU time is
+    its server's workers' CPU time around its own batches (a short pause lets a worker finish what
+    it does after the answer, such as freeing the decoded body)."""
+    targets = [_FloorTarget("stub", stub, bodies[FLOOR_REFERENCE], requests.Session(), [])]
+    service_session = requests.Session()
+    targets += [
+        _FloorTarget(f"service_{count}", service, body, service_session, [])
+        for count, body in sorted(bodies.items())
+    ]
+    try:
+        for target in targets:
+            for _ in range(3):  # warm-up: connections, first-call caches, the store
+                target.post()
+        for round_index in range(rounds):
+            shift = round_index % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                pids = target.server.worker_pids()
+                before = _cpu_ns(pids)
+                for _ in range(batch):
+                    target.samples.append(target.post())
+                time.sleep(0.05)
+                target.cpu_ns += _cpu_ns(pids) - before
+                target.requests += batch
+    finally:
+        for target in targets:
+            target.session.close()
+    rows = {target.name: target.summary() for target in targets}
+    stub_row, reference = rows["stub"], rows[f"service_{FLOOR_REFERENCE}"]
+    fewest, most = min(bodies), max(bodies)
+    return {
+        "observations": FLOOR_OBSERVATIONS,
+        "rounds": rounds,
+        "batch": batch,
+        "stub": stub_row,
+        "service": {str(count): rows[f"service_{count}"] for count in sorted(bodies)},
+        "ratios": {
+            "p50_vs_stub": round(reference["p50_ms"] / stub_row["p50_ms"], 2),
+            "cpu_vs_stub": round(reference["cpu_ms_per_request"] / stub_row["cpu_ms_per_request"], 2),
+            "p50_most_vs_fewest": round(
+                rows[f"service_{most}"]["p50_ms"] / rows[f"service_{fewest}"]["p50_ms"], 2
+            ),
+            "cpu_most_vs_fewest": round(
+                rows[f"service_{most}"]["cpu_ms_per_request"]
+                / rows[f"service_{fewest}"]["cpu_ms_per_request"],
+                2,
+            ),
+        },
+    }
+
+
+_FRESH_LOADS = """
+import gc, statistics, sys, time
+import orjson
+data = open(sys.argv[1], "rb").read()
+samples = []
+for _ in range(int(sys.argv[2])):
+    started = time.perf_counter()
+    decoded = orjson.loads(data)
+    samples.append(time.perf_counter() - started)
+    del decoded
+print(statistics.median(samples))
+"""
+
+
+def fresh_process_loads(body: bytes, workdir: Path, repeat: int) -> float:
+    """Median ms of ``orjson.loads`` of ``body`` in a fresh Python process (its default garbage
+    collector, an empty heap): the floor the 20 000-Observation target is measured against."""
+    path = workdir / "fresh-loads-body.json"
+    path.write_bytes(body)
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_LOADS, str(path), str(max(3, repeat))],
+        capture_output=True,
+        timeout=300,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    path.unlink()
+    return _ms(float(done.stdout))
+
+
 # -- fetch path ------------------------------------------------------------------------------------
 
 
@@ -635,6 +815,13 @@ def run(
         for size in sizes:
             log(f"bench: generating the {size}-Observation patient")
             patients[size] = make_patient(size, screener.plan.queries, run_id)
+        log(f"bench: generating {FLOOR_OBSERVATIONS}-Observation patients with one norepinephrine titration")
+        floor_bodies = {
+            count: make_patient(
+                FLOOR_OBSERVATIONS, screener.plan.queries, run_id, administrations=count, single_drug=True
+            ).body
+            for count in FLOOR_ADMINISTRATIONS
+        }
         gc.collect()
 
         for size, patient in patients.items():
@@ -680,6 +867,22 @@ def run(
                     http["ms_per_1000_observations"] = round(http["ms"] / (size / 1000), 2)
                     results["sizes"][str(size)]["http"] = http
             workers = worker_memory(service)
+            largest = patients[sizes[-1]].body
+            log(f"bench: fresh-process orjson.loads of the {sizes[-1]}-Observation body")
+            fresh_ms = fresh_process_loads(largest, workdir, repeat)
+            largest_http = results["sizes"][str(sizes[-1])]["http"]["ms"]
+            results["fresh_process_loads"] = {
+                "observations": sizes[-1],
+                "ms": fresh_ms,
+                "http_ratio": round(largest_http / fresh_ms, 2),
+            }
+            stub = ServiceServer(workdir, stub=True)
+            try:
+                log("bench: the decode-only stub and the service, interleaved (single-drug patients)")
+                stub.start()
+                results["floor"] = measure_floor(service, stub, floor_bodies, rounds=max(2, repeat))
+            finally:
+                stub.stop()
             peak = max((w["peak_mb"] for w in workers.values()), default=None)
             results["memory"] = {
                 "observations": sizes[-1],
@@ -806,6 +1009,35 @@ def verdict(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         peak is not None and peak <= t["memory_mb_max"],
         f"≤ {t['memory_mb_max']:g} MB at {sizes[-1]} Obs",
     )
+    floor = results["floor"]
+    check(
+        "floor_p50_ratio",
+        floor["ratios"]["p50_vs_stub"],
+        floor["ratios"]["p50_vs_stub"] <= t["floor_p50_ratio_max"],
+        f"≤ {t['floor_p50_ratio_max']}× the decode-only stub's p50 ({FLOOR_OBSERVATIONS} Obs, "
+        f"{FLOOR_REFERENCE} single-drug records)",
+    )
+    check(
+        "floor_cpu_ratio",
+        floor["ratios"]["cpu_vs_stub"],
+        floor["ratios"]["cpu_vs_stub"] <= t["floor_cpu_ratio_max"],
+        f"≤ {t['floor_cpu_ratio_max']}× the stub's CPU per request (same patient)",
+    )
+    counts = sorted(int(c) for c in floor["service"])
+    check(
+        "administrations_ratio",
+        floor["ratios"]["p50_most_vs_fewest"],
+        floor["ratios"]["p50_most_vs_fewest"] <= t["administrations_ratio_max"],
+        f"p50 with {counts[-1]} records ≤ {t['administrations_ratio_max']}× with {counts[0]}",
+    )
+    fresh = results["fresh_process_loads"]
+    check(
+        "fresh_loads_ratio",
+        fresh["http_ratio"],
+        fresh["http_ratio"] <= t["fresh_loads_ratio_max"],
+        f"hook over HTTP ≤ {t['fresh_loads_ratio_max']}× a fresh-process orjson.loads at "
+        f"{fresh['observations']} Obs",
+    )
     per_1k = [results["sizes"][str(s)]["in_process"]["ms_per_1000_observations"] for s in sizes]
     growth = round(per_1k[-1] / per_1k[0], 2) if per_1k[0] else None
     check(
@@ -919,7 +1151,41 @@ def markdown(results: dict[str, Any]) -> str:
         f"{memory['idle_worker_mb']} MB) | {memory['peak_worker_mb']} MB | "
         f"{v['peak_worker_memory_mb']['target']} | {_mark(v['peak_worker_memory_mb']['met'])} |",
     ]
+    lines += ["", *_floor_markdown(results)]
     return "\n".join(lines) + "\n"
+
+
+def _floor_markdown(results: dict[str, Any]) -> list[str]:
+    floor, fresh, v = results["floor"], results["fresh_process_loads"], results["verdict"]
+    counts = sorted(floor["service"], key=int)
+    rows = [floor["stub"], *(floor["service"][c] for c in counts)]
+    ratios = floor["ratios"]
+    return [
+        f"Against the framework floor: the decode-only stub and the service over HTTP, interleaved in "
+        f"one run ({floor['rounds']} rounds × {floor['batch']} requests per column), "
+        f"{floor['observations']} Observations, one norepinephrine titration charted as N records. "
+        "CPU: the server's workers, per request.",
+        "",
+        "| figure | decode-only stub | " + " | ".join(f"service, {c} records" for c in counts) + " |",
+        "|---|" + "---|" * (len(rows)),
+        "| request body (MB) | " + " | ".join(str(r["body_mb"]) for r in rows) + " |",
+        "| p50 (ms) | " + " | ".join(str(r["p50_ms"]) for r in rows) + " |",
+        "| p90 (ms) | " + " | ".join(str(r["p90_ms"]) for r in rows) + " |",
+        "| server CPU per request (ms) | " + " | ".join(str(r["cpu_ms_per_request"]) for r in rows) + " |",
+        "",
+        "| ratio within the run | value | target | |",
+        "|---|---|---|---|",
+        f"| hook p50 ÷ stub p50 ({FLOOR_REFERENCE} records) | {ratios['p50_vs_stub']}× | "
+        f"{v['floor_p50_ratio']['target']} | {_mark(v['floor_p50_ratio']['met'])} |",
+        f"| hook CPU ÷ stub CPU per request ({FLOOR_REFERENCE} records) | {ratios['cpu_vs_stub']}× | "
+        f"{v['floor_cpu_ratio']['target']} | {_mark(v['floor_cpu_ratio']['met'])} |",
+        f"| p50 with {counts[-1]} records ÷ with {counts[0]} | {ratios['p50_most_vs_fewest']}× | "
+        f"{v['administrations_ratio']['target']} | {_mark(v['administrations_ratio']['met'])} |",
+        f"| CPU with {counts[-1]} records ÷ with {counts[0]} | {ratios['cpu_most_vs_fewest']}× |  |  |",
+        f"| hook over HTTP at {fresh['observations']} Obs ÷ fresh-process `orjson.loads` "
+        f"({fresh['ms']} ms) | {fresh['http_ratio']}× | {v['fresh_loads_ratio']['target']} | "
+        f"{_mark(v['fresh_loads_ratio']['met'])} |",
+    ]
 
 
 # -- command line ----------------------------------------------------------------------------------
