@@ -18,12 +18,14 @@ anything more.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from fhir.resources.R4B.researchsubject import ResearchSubject
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import BaseModel, ValidationError
@@ -76,8 +78,107 @@ def _unbound_codes(model: BaseModel, path: str = "") -> Iterable[str]:
                 yield from _unbound_codes(item, f"{where}[{index}]" if isinstance(value, list) else where)
 
 
+#: Where a referral resource holds a value that changes with every card: the card uuid, the
+#: patient, the requester, the note (text), and the enrollment window's times (dateTime).
+_PER_CARD_TEXT: tuple[tuple[str | int, ...], ...] = (
+    ("identifier", 0, "value"),
+    ("subject", "reference"),
+    ("individual", "reference"),
+    ("requester", "reference"),
+    ("note", 0, "text"),
+)
+_PER_CARD_TIME: tuple[tuple[str | int, ...], ...] = (
+    ("occurrencePeriod", "start"),
+    ("occurrencePeriod", "end"),
+)
+#: Text every FHIR string, markdown and reference accepts: not empty, no control characters but
+#: tab and line breaks, no whitespace at either end (stricter than fhir.resources).
+_PLAIN_TEXT = re.compile(r"[^\s\x00-\x1f\x7f](?:[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*[^\s\x00-\x1f\x7f])?")
+#: The instants :func:`fhir_instant` writes (a valid calendar date is checked as well).
+_PLAIN_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_PLACEHOLDER_TEXT = "per-card text"
+_PLACEHOLDER_TIME = "2000-01-01T00:00:00Z"
+#: Shapes of referral resources that validated (see :func:`validated`); bounded: trials × statuses
+#: × configuration, a few dozen, unless something unforeseen varies — then it is simply cleared.
+_VALID_SHAPES: set[bytes] = set()
+_VALID_SHAPES_MAX = 1024
+
+
+def _with_value(node: Any, path: tuple[str | int, ...], value: str) -> Any:
+    """``node`` with the value at ``path`` replaced, copying only the containers on the way."""
+    key, rest = path[0], path[1:]
+    copy: Any = list(node) if isinstance(node, list) else dict(node)
+    copy[key] = _with_value(node[key], rest, value) if rest else value
+    return copy
+
+
+def _at(node: Any, path: tuple[str | int, ...]) -> Any:
+    for key in path:
+        if isinstance(node, dict) and isinstance(key, str) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and len(node) == 1:
+            node = node[key]  # only a one-item list: the value's place is then unambiguous
+        else:
+            return _ABSENT
+    return node
+
+
+_ABSENT = object()
+
+
+def _plain_instant(value: Any) -> bool:
+    if not isinstance(value, str) or not _PLAIN_INSTANT.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value[:-1] + "+00:00")
+    except ValueError:
+        return False
+    return True
+
+
+def _shape(resource: dict[str, Any]) -> bytes | None:
+    """The resource with each per-card value replaced by a placeholder, as sorted JSON bytes; None
+    when a per-card value is not plainly valid (then only a full validation can say)."""
+    shape: Any = resource
+    for paths, plain, placeholder in (
+        (_PER_CARD_TEXT, lambda v: isinstance(v, str) and _PLAIN_TEXT.fullmatch(v), _PLACEHOLDER_TEXT),
+        (_PER_CARD_TIME, _plain_instant, _PLACEHOLDER_TIME),
+    ):
+        for path in paths:
+            value = _at(shape, path)
+            if value is _ABSENT:
+                continue
+            if not plain(value):
+                return None
+            shape = _with_value(shape, path, placeholder)
+    try:
+        return orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return None
+
+
 def validated(resource: dict[str, Any]) -> dict[str, Any]:
-    """``resource`` validated as FHIR R4 (R4B models) and returned as plain JSON; else InvalidResource."""
+    """``resource`` validated as FHIR R4 (R4B models) and returned as plain JSON; else InvalidResource.
+
+    Fully validating two resources per card was the card's largest fixed cost (issue 17). A resource
+    whose *shape* — everything but its per-card values (uuid, patient, requester, note, window
+    times) — has validated before, and whose per-card values are each plainly valid text or
+    instants (:data:`_PLAIN_TEXT`, :data:`_PLAIN_INSTANT`: stricter than FHIR's string, markdown
+    and dateTime), validates the same way, field by field: it is not validated again.
+    ``tests/test_referral_shapes.py`` checks that both ways accept and refuse the same resources.
+    """
+    shape = _shape(resource)
+    if shape is not None and shape in _VALID_SHAPES:
+        return resource
+    _validate_fully(resource)
+    if shape is not None:
+        if len(_VALID_SHAPES) >= _VALID_SHAPES_MAX:
+            _VALID_SHAPES.clear()
+        _VALID_SHAPES.add(shape)
+    return resource
+
+
+def _validate_fully(resource: dict[str, Any]) -> None:
     kind = resource.get("resourceType")
     model_class = RESOURCE_MODELS.get(str(kind))
     if model_class is None:
@@ -90,7 +191,6 @@ def validated(resource: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise InvalidResource(f"{kind} does not validate: {'; '.join(problems)}")
     # The JSON we built is exactly what validated; dumping the model again would only cost time.
-    return resource
 
 
 @dataclass(frozen=True)
