@@ -12,7 +12,8 @@
   Observation Bundle's bytes;
 * **fetch path** — no prefetch: the wall time of gathering the data from a real FHIR server
   (sekmet, started with :class:`~cds_service.tools.fhir_server.FhirTestServer`) next to the slowest of
-  the searches it issues, each timed alone (all its pages);
+  the searches it issues, each timed alone (all its pages), and next to the longest chain of
+  dependent queries (a search plus the follow-up it makes necessary, e.g. the Medication reads);
 * **throughput** — a bounded load (``--load-seconds``, ``--concurrency`` threads, one
   ``requests.Session`` each) from a separate process against the production server with its
   default workers: hooks/s, p50, p99, errors;
@@ -70,7 +71,7 @@ TARGETS = {
     "prefetch_ratio_max": 1.5,  # service time ≤ 1.5 × bare orjson.loads of the body, at the largest size
     "prefetch_http_p50_ms_max": 20.0,  # at the smallest size (1 000 Observations)
     "extraction_ratio_max": 2.0,  # extraction ≤ 2 × orjson.loads of the Observation Bundle, largest size
-    "fetch_ratio_max": 1.3,  # gather ≤ 1.3 × the slowest single query
+    "fetch_ratio_max": 1.3,  # gather ≤ 1.3 × the longest chain of dependent queries (issue 17)
     "throughput_min": 150.0,  # hooks/s at 1 000 Observations
     "throughput_p99_ms_max": 100.0,
     "memory_mb_max": 200.0,  # peak worker RSS at the largest size
@@ -746,6 +747,8 @@ def measure_fetch(
             per_query[key] = statistics.median(samples)
     gather_median = statistics.median(gather_samples)
     slowest_key = max(per_query, key=per_query.__getitem__)
+    chains = dependent_chains(per_query, {key: query for key, (query, _) in issued.items()})
+    longest_chain = max(chains, key=chains.__getitem__)
     deadline = float(fhir_settings["deadline_seconds"])
     return {
         "gather_ms": _ms(gather_median),
@@ -753,6 +756,12 @@ def measure_fetch(
         "slowest_query_ms": _ms(per_query[slowest_key]),
         "queries_ms": {key: _ms(value) for key, value in per_query.items()},
         "ratio": round(gather_median / per_query[slowest_key], 2),
+        # Issue 17: a chain is one search, or one search plus the follow-up it makes necessary (the
+        # Medication reads after the administrations when the server ignored _include).
+        "longest_chain": longest_chain,
+        "longest_chain_ms": _ms(chains[longest_chain]),
+        "chains_ms": {key: _ms(value) for key, value in chains.items()},
+        "chain_ratio": round(gather_median / chains[longest_chain], 2),
         # The FHIR server may answer one request at a time (sekmet does): then gathering costs at
         # least the sum of the queries, however they are issued.
         "sum_of_queries_ms": _ms(sum(per_query.values())),
@@ -760,6 +769,24 @@ def measure_fetch(
         "within_deadline": gather_median < deadline,
         "deadline_seconds": deadline,
     }
+
+
+def dependent_chains(per_query: dict[str, float], queries: dict[str, str]) -> dict[str, float]:
+    """Each search's time alone, plus that of the follow-up search it made necessary: the Medication
+    reads (``gather.fetch_medications``, key ``medications``) follow the administrations search.
+    Keyed by the first search of the chain ("administrations + medications" when there is one)."""
+    follow_up = per_query.get("medications")
+    chains: dict[str, float] = {}
+    for key, seconds in per_query.items():
+        if key == "medications":
+            continue
+        if follow_up is not None and queries.get(key, "").startswith("MedicationAdministration?"):
+            chains[f"{key} + medications"] = seconds + follow_up
+        else:
+            chains[key] = seconds
+    if follow_up is not None and not any(key.endswith(" + medications") for key in chains):
+        chains["medications"] = follow_up  # a follow-up with no administrations search: alone
+    return chains
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -985,12 +1012,12 @@ def verdict(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         large["extraction"]["ratio"] <= t["extraction_ratio_max"],
         f"≤ {t['extraction_ratio_max']}× orjson.loads of the Bundle at {sizes[-1]} Obs",
     )
-    worst_fetch = max(results["sizes"][str(s)]["fetch"]["ratio"] for s in sizes)
+    worst_fetch = max(results["sizes"][str(s)]["fetch"]["chain_ratio"] for s in sizes)
     check(
         "fetch_ratio",
         worst_fetch,
         worst_fetch <= t["fetch_ratio_max"],
-        f"≤ {t['fetch_ratio_max']}× at every size",
+        f"≤ {t['fetch_ratio_max']}× the longest chain of dependent queries, at every size",
     )
     load = results["throughput"]
     check(
@@ -1121,9 +1148,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"fetch path: within the {by[0]['fetch']['deadline_seconds']:g} s hook deadline",
             ["yes" if b["fetch"]["within_deadline"] else "**no**" for b in by],
         ),
+        row("… gathering ÷ slowest query", [f"{b['fetch']['ratio']}×" for b in by]),
         row(
-            "… gathering ÷ slowest query",
-            [f"{b['fetch']['ratio']}×" for b in by],
+            "fetch path: longest chain of dependent queries, each alone (ms)",
+            [f"{b['fetch']['longest_chain_ms']} ({b['fetch']['longest_chain']})" for b in by],
+        ),
+        row(
+            "… gathering ÷ longest chain",
+            [f"{b['fetch']['chain_ratio']}×" for b in by],
             v["fetch_ratio"]["target"],
             v["fetch_ratio"]["met"],
         ),
