@@ -114,6 +114,25 @@ class Background:
             ) from None
 
 
+@contextlib.contextmanager
+def ctrl_c_as_in_a_terminal() -> Iterator[None]:
+    """Children started meanwhile get Ctrl-C's default action, as in a newcomer's terminal.
+
+    A background job of a non-interactive shell (``make test &`` in a script) starts with SIGINT
+    ignored, and an ignored signal stays ignored across exec: ``make demo`` would then never see the
+    test's Ctrl-C. A handler set here is reset to the default in each exec'd child instead.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def port_free(port: int) -> bool:
     """Nothing listens there (a connection is refused)."""
     with socket.socket() as sock:
@@ -154,7 +173,7 @@ class QuickStart:
     def start(self, command: str) -> None:
         self.stop()
         log = self.tmp_path / f"{command.split()[1]}.log"
-        with open(log, "wb") as out:
+        with open(log, "wb") as out, ctrl_c_as_in_a_terminal():
             process = subprocess.Popen(
                 ["bash", "-c", self.localise(command)],
                 cwd=PROJECT_ROOT,
