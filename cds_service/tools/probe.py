@@ -158,7 +158,8 @@ def _instance_env(
 def setup(
     kind: str, workdir: Path, store_url: str, signer: ProbeSigner, sandbox: SandboxSigner | None
 ) -> Iterator[Front]:
-    """A fresh instance (2 workers, the defaults), reached directly or through nginx."""
+    """A fresh instance (2 workers whatever the core count, otherwise the defaults), reached directly
+    or through nginx."""
     workdir.mkdir(parents=True, exist_ok=True)
     nginx_port = free_port()
     instance_port = free_port()
@@ -1147,7 +1148,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"`make probe`, {start['time']}: {start['cores']} cores, Python {start['python']}; load average "
         f"{start['load_average'][0]} at the start, {end['load_average'][0]} at the end (a shared machine). "
-        "Service: `cds-service serve` defaults (gunicorn gthread, 2 workers × 16 threads), JWT checks on.",
+        "Service: `cds-service serve --workers 2` (gunicorn gthread, 2 workers × 16 threads), JWT checks on.",
         "",
     ]
     for kind, checks in results["setups"].items():
