@@ -7,8 +7,9 @@ used). The sandbox is pointed at the real test FHIR server (sekmet), loaded with
 and at the service served over HTTP. It calls discovery, runs the prefetch templates against the FHIR
 server itself, calls the hook and renders the cards; a click on the suggestion posts feedback.
 
-The sandbox signs its calls with a key whose ``jku`` is on its public host, unreachable here. Until
-[serving] makes a pinned key usable, the service under this test runs open (no trusted clients).
+The sandbox signs its calls with a key whose ``jku`` is on its public host, unreachable here: the
+service trusts it with the build's public key pinned (docs/security.md, "sandbox-offline"), so the
+cards show only when the sandbox's real tokens verify.
 
 For one eligible patient of each trial, and one possibly eligible: the cards render with their
 summary, the suggestion button and the links, in the service's one order, each no taller than a
@@ -39,7 +40,8 @@ from werkzeug.serving import make_server
 from cds_service.app import create_app
 from cds_service.base.config import PROJECT_ROOT
 from cds_service.cards.render import STATUS_ORDER
-from cds_service.tools.fhir_server import FhirTestServer
+from cds_service.tools.fhir_server import FhirTestServer, free_port
+from cds_service.tools.sandbox_client import SANDBOX_BUILD, SandboxBuildError, SandboxSigner
 from cds_service.tools.scenarios import ECMO, IMICRO, MSC, Scenario, all_scenarios
 from tests.conftest import make_settings, needs_infrastructure
 
@@ -50,7 +52,6 @@ except ImportError:  # pragma: no cover - the browser fixture skips, or fails in
 
 pytestmark = pytest.mark.fhir
 
-SANDBOX_BUILD = PROJECT_ROOT.parent / "shared" / "vendor" / "cds-hooks-sandbox" / "build"
 CHROMIUM = Path(os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "sandbox"
 DOC_SCREENSHOTS = PROJECT_ROOT / "docs" / "cards"
@@ -98,20 +99,33 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(fhir_server: FhirTestServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The service over real HTTP (werkzeug, threaded) on a free 127.0.0.1 port."""
-    # Open (no trusted clients): the sandbox's jku is unreachable here and no pinned key is usable
-    # yet ([serving]). Times in a zone with an offset, as a site would set it.
+    """The service over real HTTP (werkzeug, threaded) on a free 127.0.0.1 port, trusting the sandbox
+    offline as docs/security.md says: its public key pinned (the jku's host is unreachable here), so
+    every call the sandbox makes is a verified ES384 JWT. Times in a zone with an offset, as a site
+    would set it."""
+    try:
+        issuer = SandboxSigner.from_build(SANDBOX_BUILD).issuer
+    except SandboxBuildError as exc:
+        needs_infrastructure(
+            "the vendored CDS Hooks sandbox build", False, f"{exc}: put ../shared beside the checkout"
+        )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     settings = make_settings(
         tmp_path_factory.mktemp("sandbox-browser"),
+        server={"public_url": url},
+        security={
+            "trusted_clients": {issuer: {"jwks_file": str(SANDBOX_BUILD / ".well-known" / "jwks.json")}}
+        },
         fhir={"allow_http": True, "allowed_servers": [fhir_server.base_url]},
         screening={"timezone": "Europe/Paris"},
     )
     app = create_app(settings)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="sandbox-test-service", daemon=True)
     thread.start()
     try:
-        yield Service(f"http://127.0.0.1:{server.port}", app)
+        yield Service(url, app)
     finally:
         server.shutdown()
         thread.join(timeout=10)
