@@ -1,7 +1,8 @@
 """Stretch: a card's worksheet link, end to end from the public CDS Hooks sandbox.
 
 The built sandbox (``../shared/vendor/cds-hooks-sandbox/build/``) runs in Debian's Chromium with the
-SMART launcher's FHIR base as its FHIR server. What this shows (docs/worksheet.md):
+SMART launcher's FHIR base as its FHIR server; the service checks the sandbox's real ES384 tokens
+with its key pinned (docs/security.md, "sandbox-offline"). What this shows (docs/worksheet.md):
 
 1. With the launcher's own FHIR base the sandbox reads the patient, runs the prefetch through the
    launcher's FHIR proxy, calls the service and renders the card with its "Open the screening
@@ -31,6 +32,7 @@ from werkzeug.serving import make_server
 
 from cds_service.app import create_app
 from cds_service.tools.fhir_server import free_port
+from cds_service.tools.sandbox_client import SandboxBuildError, SandboxSigner
 from tests.ehr_launch_context import LaunchContextProxy
 from tests.infrastructure import SHARED_DIR, needs_infrastructure
 from tests.smart_launcher import SmartLauncher
@@ -87,13 +89,21 @@ def service(
     launch_context: LaunchContextProxy,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, Flask]]:
-    """The service over HTTP, trusting both the launcher and the launch-context proxy as issuers."""
+    """The service over HTTP, trusting both the launcher and the launch-context proxy as issuers, and
+    the sandbox's hook calls with its public key pinned (docs/security.md's "sandbox-offline")."""
+    try:
+        sandbox_issuer = SandboxSigner.from_build(SANDBOX_BUILD).issuer
+    except SandboxBuildError as exc:
+        needs_infrastructure(
+            "the vendored CDS Hooks sandbox build", False, f"{exc}: put ../shared beside the checkout"
+        )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = worksheet_test_settings(
         tmp_path_factory.mktemp("worksheet-sandbox"),
         url,
         [f"{smart_launcher.url}/v/r4/", f"{launch_context.origin}/v/r4/"],
+        trusted_clients={sandbox_issuer: {"jwks_file": str(SANDBOX_BUILD / ".well-known" / "jwks.json")}},
     )
     app = create_app(settings)
     server = make_server("127.0.0.1", port, app, threaded=True)

@@ -78,25 +78,33 @@ WORKSHEET_PATIENTS = {
 
 
 def worksheet_test_settings(
-    store_dir: Path, public_url: str, issuers: list[str], **worksheet: Any
+    store_dir: Path,
+    public_url: str,
+    issuers: list[str],
+    *,
+    trusted_clients: dict[str, Any] | None = None,
+    **worksheet: Any,
 ) -> Settings:
-    """The service with the worksheet on, for the tests (open CDS mode, http allowed on loopback)."""
-    return load_settings(
-        environ={},
-        overrides={
-            "store": {"url": f"sqlite:///{store_dir / 'store.sqlite3'}", "hook_timeout_seconds": 5.0},
-            "fhir": {"allow_http": True},
-            "screening": {"timezone": "Europe/Paris"},
-            "worksheet": {
-                "enabled": True,
-                "public_url": public_url,
-                "client_id": WORKSHEET_CLIENT_ID,
-                "token_keys": [Fernet.generate_key().decode()],
-                "issuers": issuers,
-                **worksheet,
-            },
+    """The service with the worksheet on, for the tests (http allowed on loopback). Open CDS mode,
+    unless ``trusted_clients`` is given: then the hooks' JWTs are checked, with ``public_url`` as
+    their audience."""
+    overrides: dict[str, Any] = {
+        "store": {"url": f"sqlite:///{store_dir / 'store.sqlite3'}", "hook_timeout_seconds": 5.0},
+        "fhir": {"allow_http": True},
+        "screening": {"timezone": "Europe/Paris"},
+        "worksheet": {
+            "enabled": True,
+            "public_url": public_url,
+            "client_id": WORKSHEET_CLIENT_ID,
+            "token_keys": [Fernet.generate_key().decode()],
+            "issuers": issuers,
+            **worksheet,
         },
-    )
+    }
+    if trusted_clients is not None:
+        overrides["server"] = {"public_url": public_url}
+        overrides["security"] = {"trusted_clients": trusted_clients}
+    return load_settings(environ={}, overrides=overrides)
 
 
 @pytest.fixture(scope="module")
