@@ -1,7 +1,8 @@
 """Brute-force oracles for the sweep-line derivations (issue 17): the versions that rescan every
 record or segment at every boundary (O(n²) per drug) and every lactate for every vasopressor
-episode, kept word for word from before the sweep so
-that tests/test_sweep_line.py can check the fast versions in ``clinical/derived.py`` against them.
+episode, kept from before the sweep so that tests/test_sweep_line.py can check the fast versions in
+``clinical/derived.py`` against them. The septic-shock onset's decision, which the sweep did not
+change, is the service's own: only its inputs (episodes, lactates in a range) are brute force here.
 
 Do not optimise this file: being obviously the definition is its whole job.
 """
@@ -11,23 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cds_service.base.facts import HOUR, AdministrationFact, ObservationFact, PatientFacts, format_time
+from cds_service.base.facts import HOUR, AdministrationFact, ObservationFact, PatientFacts
 from cds_service.clinical.derived import (
-    _ACTIVE_CLINICAL,
     _FINISHED,
     _RUNNING,
-    _UNAVAILABLE_TEXT,
-    CONFIRM_STATUS,
     Derived,
     Evidence,
     _arithmetic,
-    _condition_time,
     _dose,
     _Episode,
     _record_end,
     _Segment,
-    _started,
     body_weight,
+    onset_from_episodes,
 )
 from cds_service.knowledge.mappings import Knowledge
 
@@ -173,164 +170,16 @@ def vasopressor_episodes(facts: PatientFacts, knowledge: Knowledge, gap: float, 
 def septic_shock_onset(
     facts: PatientFacts, knowledge: Knowledge, params: dict[str, Any], at: float
 ) -> Derived:
-    """Sepsis-3 septic-shock onset per clinical-knowledge.md §2, with the resources that show it.
-
-    Onset = the start of the first vasopressor episode with a lactate > 2 mmol/L around it (from
-    ``lactate_hours_before`` to ``lactate_hours_after``) and an active infection diagnosis dated
-    within ``infection_hours_before`` / ``infection_hours_after`` of it (an undated one counts).
-    When the lactate first exceeds the threshold later in the episode, while vasopressors still run,
-    both Sepsis-3 conditions hold from that lactate on: it is the onset.
-    Conflict with a charted septic-shock Condition: the computed onset wins (it is timed by the
-    infusion record; a Condition's onset is often the time of charting) and the charted one is
-    shown beside it; the charted onset is used alone when no episode qualifies.
-    Status "unknown" with a value: the onset time is known but septic shock is not established
-    (no lactate yet, or no infection diagnosis) — the time windows can still be computed.
-    """
-    threshold = float(params["lactate_threshold"])
-    lactate_before = float(params["lactate_hours_before"]) * HOUR
-    lactate_after = float(params["lactate_hours_after"]) * HOUR
-    infection_before = float(params.get("infection_hours_before", 48)) * HOUR
-    infection_after = float(params.get("infection_hours_after", 48)) * HOUR
-    infection_sets, charted_sets = set(params["infection_value_sets"]), set(params["charted_value_sets"])
-
-    active = [
-        c
-        for c in facts.conditions
-        if c.clinical_status in _ACTIVE_CLINICAL and ((t := _condition_time(c)) is None or t <= at)
-    ]
-    charted = [c for c in active if c.value_sets & charted_sets]
-    charted_onset = min((c.onset for c in charted if c.onset is not None), default=None)
-    charted_evidence = tuple(
-        Evidence(
-            f"septic shock charted (onset {format_time(c.onset)})" if c.onset else "septic shock charted",
-            None,
-            (c.resource,),
-        )
-        for c in charted
-    )
-    infection = [c for c in active if c.value_sets & infection_sets]
+    """The onset with the brute-force episodes and every lactate rescanned for every episode; the
+    decision that follows (lactate around or during the episode, infection, charted onset) is the
+    service's own ``onset_from_episodes``: only the episodes and the lactate look-up were swept."""
     lactates = [f for f in facts.series("lactate") if f.time <= at and isinstance(f.value, int | float)]
+
+    def lactates_between(first: float, last: float) -> list[ObservationFact]:
+        return [f for f in lactates if first <= f.time <= last]
+
     episodes = vasopressor_episodes(facts, knowledge, float(params["episode_gap_hours"]) * HOUR, at)
-
-    no_infection: tuple[float, tuple[Evidence, ...]] | None = None
-    missing_lactate: _Episode | None = None
-    lactate_normal: list[Evidence] = []
-    for episode in episodes:
-        start = episode.first.start
-        seen = [
-            f for f in lactates if start - lactate_before <= f.time <= max(episode.end, start + lactate_after)
-        ]
-        around = [f for f in seen if f.time <= start + lactate_after]
-        high = [f for f in around if float(f.value) > threshold]
-        if high:
-            onset = start
-            peak = max(high, key=lambda f: float(f.value))
-            # 3 significant digits: a 2.04 must not be shown as "2.0" as evidence for "> 2".
-            lactate_ev = Evidence(f"lactate {float(peak.value):.3g} mmol/L", peak.time, (peak.resource,))
-        else:
-            late = next(
-                (f for f in seen if f.time > start + lactate_after and float(f.value) > threshold), None
-            )
-            if late is None:
-                if seen:
-                    lactate_normal.append(_started(episode.first))
-                elif missing_lactate is None:
-                    missing_lactate = episode
-                continue
-            onset = late.time
-            lactate_ev = Evidence(
-                f"lactate {float(late.value):.3g} mmol/L while on vasopressors (first value > {threshold:g})",
-                late.time,
-                (late.resource,),
-            )
-        dated = [
-            c
-            for c in infection
-            if (t := _condition_time(c)) is None or onset - infection_before <= t <= onset + infection_after
-        ]
-        if not dated:
-            if no_infection is None:
-                others = tuple(
-                    Evidence(
-                        f"infection diagnosis dated more than {infection_before / HOUR:g} h before / "
-                        f"{infection_after / HOUR:g} h after the onset",
-                        _condition_time(c),
-                        (c.resource,),
-                    )
-                    for c in infection[:3]
-                )
-                no_infection = (onset, (_started(episode.first), lactate_ev, *others))
-            continue
-        infection_ev = Evidence("infection diagnosis charted", None, tuple(c.resource for c in dated[:3]))
-        evidence = [_started(episode.first), lactate_ev, infection_ev, *charted_evidence]
-        if charted_onset is not None and abs(charted_onset - onset) > HOUR:
-            evidence.append(
-                Evidence(
-                    f"charted onset {format_time(charted_onset)} differs by "
-                    f"{abs(charted_onset - onset) / HOUR:.1f} h: the computed onset (from the infusion "
-                    "record) is used"
-                )
-            )
-        return Derived(onset, "known", tuple(evidence))
-
-    if charted_onset is not None:
-        # Sepsis-3 is not shown by the chart (no vasopressor with a lactate > 2 around it): the charted
-        # diagnosis gives a candidate onset the clinician confirms (issue 14), never a "known" one.
-        evidence = [
-            Evidence(
-                "candidate onset from the charted septic-shock diagnosis: the chart does not show Sepsis-3 "
-                f"(no vasopressor infusion with a lactate > {threshold:g} mmol/L around its start)",
-                charted_onset,
-                tuple(c.resource for c in charted),
-            )
-        ]
-        if lactate_normal:
-            evidence.append(Evidence(f"lactate ≤ {threshold:g} mmol/L around the vasopressor start"))
-            evidence.extend(lactate_normal)
-        elif not episodes:
-            evidence.append(Evidence("no vasopressor infusion in the look-back window"))
-        return Derived(
-            charted_onset,
-            CONFIRM_STATUS,
-            tuple(evidence),
-            "clinician confirmation of septic shock and its onset (Sepsis-3 not shown by the chart)",
-        )
-    if no_infection is not None:
-        # Vasopressor + high lactate but no infection diagnosis charted around it: the onset time is
-        # usable, septic shock itself needs the clinician (or a charted diagnosis).
-        return Derived(
-            no_infection[0],
-            "unknown",
-            no_infection[1],
-            "an infection diagnosis (sepsis / septic shock Condition) or clinician confirmation",
-        )
-    if missing_lactate is not None:
-        return Derived(
-            missing_lactate.first.start,
-            "unknown",
-            (_started(missing_lactate.first),),
-            "a lactate around the vasopressor start (LOINC 2524-7 or 32693-4)",
-        )
-    if charted:
-        return Derived(None, "unknown", charted_evidence, "the septic-shock onset time (vasopressor start)")
-    unavailable = sorted(facts.unavailable & {"administrations", "conditions"})
-    if unavailable and not episodes:
-        # No data is no "no": with the administrations (or lactates / diagnoses) not available, the
-        # onset cannot be ruled out (issue 14, null prefetch keys).
-        names = ", ".join(_UNAVAILABLE_TEXT.get(name, name) for name in unavailable)
-        return Derived(None, "unknown", (), f"{names} (not available: prefetch null or not fetched)")
-    if not episodes:
-        return Derived(None, "absent", (Evidence("no vasopressor infusion in the look-back window"),))
-    return Derived(
-        None,
-        "absent",
-        (
-            Evidence(
-                f"lactate ≤ {threshold:g} mmol/L around every vasopressor start and while on vasopressors"
-            ),
-            *lactate_normal,
-        ),
-    )
+    return onset_from_episodes(facts, params, at, episodes, lactates_between)
 
 
 # -- the series rules of the criteria language (persistence runs, trends, "for more than N h") ----

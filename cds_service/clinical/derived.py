@@ -515,6 +515,28 @@ def septic_shock_onset(
     Status "unknown" with a value: the onset time is known but septic shock is not established
     (no lactate yet, or no infection diagnosis) — the time windows can still be computed.
     """
+    # In time order (as extraction gives them): each episode's lactates are then a slice (bisect).
+    lactates = [f for f in facts.series("lactate") if f.time <= at and isinstance(f.value, int | float)]
+    lactates.sort(key=_time_of)
+    lactate_times = [f.time for f in lactates]
+
+    def lactates_between(first: float, last: float) -> list[ObservationFact]:
+        return lactates[bisect.bisect_left(lactate_times, first) : bisect.bisect_right(lactate_times, last)]
+
+    episodes = _vasopressor_episodes(facts, knowledge, float(params["episode_gap_hours"]) * HOUR, at)
+    return onset_from_episodes(facts, params, at, episodes, lactates_between)
+
+
+def onset_from_episodes(
+    facts: PatientFacts,
+    params: dict[str, Any],
+    at: float,
+    episodes: Sequence[_Episode],
+    lactates_between: Callable[[float, float], list[ObservationFact]],
+) -> Derived:
+    """:func:`septic_shock_onset`'s decision, given the vasopressor episodes and the numeric lactates
+    charted in a time range (both ends included, in time order). tests/sweep_oracles.py gives it
+    brute-force versions of both, so the fast ones are checked against the same decision."""
     threshold = float(params["lactate_threshold"])
     lactate_before = float(params["lactate_hours_before"]) * HOUR
     lactate_after = float(params["lactate_hours_after"]) * HOUR
@@ -538,22 +560,13 @@ def septic_shock_onset(
         for c in charted
     )
     infection = [c for c in active if c.value_sets & infection_sets]
-    # In time order (as extraction gives them): each episode's lactates are then a slice (bisect).
-    lactates = [f for f in facts.series("lactate") if f.time <= at and isinstance(f.value, int | float)]
-    lactates.sort(key=_time_of)
-    lactate_times = [f.time for f in lactates]
-    episodes = _vasopressor_episodes(facts, knowledge, float(params["episode_gap_hours"]) * HOUR, at)
 
     no_infection: tuple[float, tuple[Evidence, ...]] | None = None
     missing_lactate: _Episode | None = None
     lactate_normal: list[Evidence] = []
     for episode in episodes:
         start = episode.first.start
-        seen = lactates[
-            bisect.bisect_left(lactate_times, start - lactate_before) : bisect.bisect_right(
-                lactate_times, max(episode.end, start + lactate_after)
-            )
-        ]
+        seen = lactates_between(start - lactate_before, max(episode.end, start + lactate_after))
         around = [f for f in seen if f.time <= start + lactate_after]
         high = [f for f in around if float(f.value) > threshold]
         if high:
