@@ -21,7 +21,6 @@ In CI (``CI`` set) this test runs, never skips: missing Chromium, Playwright or 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -29,7 +28,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +41,18 @@ from cds_service.cards.render import STATUS_ORDER
 from cds_service.tools.fhir_server import FhirTestServer, free_port
 from cds_service.tools.sandbox_client import SANDBOX_BUILD, SandboxBuildError, SandboxSigner
 from cds_service.tools.scenarios import ECMO, IMICRO, MSC, Scenario, all_scenarios
+from tests.browser import chromium, served_sandbox
 from tests.conftest import make_settings, needs_infrastructure
 
-try:  # the dev extra installs it; missing, the test fails in CI and skips elsewhere
-    from playwright.sync_api import Browser, Page, sync_playwright
-except ImportError:  # pragma: no cover - the browser fixture skips, or fails in CI
-    sync_playwright = None  # type: ignore[assignment]
+try:  # the dev extra installs it; missing, the browser fixture fails in CI and skips elsewhere
+    from playwright.sync_api import Browser, Page
+except ImportError:  # pragma: no cover - tests/browser.py reports it
+    Browser = Page = Any  # type: ignore[assignment,misc]
 
 pytestmark = pytest.mark.fhir
 
-CHROMIUM = Path(os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "sandbox"
 DOC_SCREENSHOTS = PROJECT_ROOT / "docs" / "cards"
-#: Chromium as root on a machine with a closed network (../shared/.library notes: without the
-#: background-networking flags its connections are refused many at a time).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SERVICE_ID = "septic-shock-trial-screening"
 #: The patients shown: one eligible and one possibly eligible for each trial.
 PATIENTS = {
@@ -135,46 +122,16 @@ def service(fhir_server: FhirTestServer, tmp_path_factory: pytest.TempPathFactor
             state._store.close()
 
 
-class _QuietFiles(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def sandbox_url() -> Iterator[str]:
-    needs_infrastructure(
-        "the built CDS Hooks sandbox",
-        SANDBOX_BUILD.joinpath("index.html").is_file(),
-        f"it comes with ../shared/vendor (expected at {SANDBOX_BUILD})",
-    )
-    handler = functools.partial(_QuietFiles, directory=str(SANDBOX_BUILD))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with served_sandbox() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    needs_infrastructure(
-        "Playwright for Python", sync_playwright is not None, "run `make dev` (the dev extra)"
-    )
-    needs_infrastructure(
-        f"Debian's chromium at {CHROMIUM}",
-        CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
-        "run `make chromium-bin` (apt-get install chromium)",
-    )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 # -- driving the sandbox ---------------------------------------------------------------------------

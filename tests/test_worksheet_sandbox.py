@@ -18,11 +18,9 @@ In CI this test runs, never skips.
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,10 @@ from werkzeug.serving import make_server
 
 from cds_service.app import create_app
 from cds_service.tools.fhir_server import free_port
-from cds_service.tools.sandbox_client import SandboxBuildError, SandboxSigner
+from cds_service.tools.sandbox_client import SANDBOX_BUILD, SandboxBuildError, SandboxSigner
+from tests.browser import served_sandbox
 from tests.ehr_launch_context import LaunchContextProxy
-from tests.infrastructure import SHARED_DIR, needs_infrastructure
+from tests.infrastructure import needs_infrastructure
 from tests.smart_launcher import SmartLauncher
 from tests.worksheet_fixtures import WORKSHEET_PROVIDER, worksheet_test_settings
 
@@ -45,33 +44,14 @@ except ImportError:  # pragma: no cover - the browser fixture reports it
 
 pytestmark = pytest.mark.fhir
 
-SANDBOX_BUILD = SHARED_DIR / "vendor" / "cds-hooks-sandbox" / "build"
 IMICRO = "NCT03788837"
 SERVICE_ID = "septic-shock-trial-screening"
 
 
-class _QuietFiles(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def sandbox_url() -> Iterator[str]:
-    needs_infrastructure(
-        f"the built CDS Hooks sandbox in {SANDBOX_BUILD}",
-        SANDBOX_BUILD.joinpath("index.html").is_file(),
-        "put ../shared beside the checkout (../shared/vendor/README.md)",
-    )
-    handler = functools.partial(_QuietFiles, directory=str(SANDBOX_BUILD))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with served_sandbox() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

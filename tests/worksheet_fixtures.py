@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -29,12 +28,11 @@ from cds_service.app import create_app
 from cds_service.base.config import Settings, load_settings
 from cds_service.tools.fhir_server import FhirTestServer, free_port
 from cds_service.tools.scenarios import all_scenarios
+from tests.browser import Browser, chromium
 from tests.infrastructure import needs_infrastructure
 from tests.smart_launcher import LAUNCHER_DIR, SmartLauncher, launch_code
 
 __all__ = [
-    "CHROMIUM",
-    "CHROMIUM_ARGS",
     "WORKSHEET_CLIENT_ID",
     "WORKSHEET_PATIENTS",
     "WORKSHEET_PROVIDER",
@@ -47,24 +45,6 @@ __all__ = [
     "worksheet_test_settings",
 ]
 
-try:  # the dev extra installs it; missing, the browser tests fail in CI and skip elsewhere
-    from playwright.sync_api import Browser, sync_playwright
-except ImportError:  # pragma: no cover - checked by needs_infrastructure()
-    sync_playwright = None  # type: ignore[assignment]
-
-#: Debian's Chromium (``make test`` installs it); Playwright's own browser download is never used.
-CHROMIUM = Path(os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium"))
-#: Chromium as root on a machine with a closed network: without the background-networking flags
-#: its connections are refused many at a time.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WORKSHEET_CLIENT_ID = "screening-worksheet"
 #: The launcher's practitioner (the user of every launch), loaded into the FHIR server too.
 WORKSHEET_PROVIDER = "ws-icu-doc"
@@ -109,22 +89,9 @@ def worksheet_test_settings(
 
 @pytest.fixture(scope="module")
 def worksheet_browser() -> Iterator[Browser]:
-    """Debian's Chromium, headless, driven by Playwright for Python. Per module: Playwright's sync API
-    cannot run twice at once, and tests/test_sandbox_browser.py starts its own."""
-    needs_infrastructure(
-        "Playwright for Python", sync_playwright is not None, "run `make dev` (the dev extra)"
-    )
-    needs_infrastructure(
-        f"Debian's Chromium at {CHROMIUM}",
-        CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
-        "run `make chromium-bin` (apt-get install chromium)",
-    )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    """Debian's Chromium, per module (tests/browser.py)."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="session")
