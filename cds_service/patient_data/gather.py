@@ -12,6 +12,7 @@ the LOINC codes the criteria use. Reading prefetch follows CDS Hooks 2.0:
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -269,7 +270,7 @@ def _missing_medications(data: RawPatientData) -> list[str]:
         for r in values
         if isinstance(r, dict) and r.get("resourceType") == "Medication"
     }
-    wanted: list[str] = []
+    wanted: dict[str, None] = {}  # an ordered set: first named, first fetched
     for values in data.resources.values():
         for resource in values:
             if not isinstance(resource, dict) or resource.get("resourceType") != "MedicationAdministration":
@@ -280,9 +281,9 @@ def _missing_medications(data: RawPatientData) -> list[str]:
             if not isinstance(reference, str) or reference.startswith("#") or "Medication/" not in reference:
                 continue
             key = medication_key(reference)
-            if key not in have and key not in wanted:
-                wanted.append(key)
-    return [key.split("/", 1)[1] for key in wanted[:MAX_MEDICATIONS]]
+            if key not in have:
+                wanted[key] = None
+    return [key.split("/", 1)[1] for key in itertools.islice(wanted, MAX_MEDICATIONS)]
 
 
 def _needs_strength(resource: dict[str, Any]) -> bool:
