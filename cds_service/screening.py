@@ -19,6 +19,7 @@ from .knowledge.mappings import Knowledge, load_knowledge
 from .knowledge.trials import Trial, load_trials
 from .patient_data.extract import extract
 from .patient_data.gather import PrefetchPlan, RawPatientData, build_prefetch_plan
+from .patient_data.lean_json import LeanDecoder
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Screener:
         self.plan: PrefetchPlan = build_prefetch_plan(
             self.knowledge, self.trials, int(settings.section("fhir")["page_size"])
         )
+        #: Decodes a hook request's body as far as this plan's screening reads it.
+        self.request_decoder = LeanDecoder.for_plan(self.plan)
         worksheet = settings.section("worksheet")
         self.renderer = CardRenderer(
             data_dir,

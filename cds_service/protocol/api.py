@@ -149,7 +149,19 @@ def _read_body(limit: int) -> bytes:
 
 
 def _decode_body() -> Any:
-    raw = _read_body(state().settings.section("server")["max_body_bytes"])
+    return _loads(_read_body(state().settings.section("server")["max_body_bytes"]))
+
+
+def _decode_hook_body() -> Any:
+    """A hook request decoded only as far as screening reads it (``patient_data/lean_json.py``);
+    a body that is not an ordinary request is decoded in full, and answered as it always was."""
+    current = state()
+    raw = _read_body(current.settings.section("server")["max_body_bytes"])
+    lean = current.screener.request_decoder.decode(raw)
+    return lean if lean is not None else _loads(raw)
+
+
+def _loads(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -275,7 +287,7 @@ def _answer_hook(service_id: str, held: _Hold) -> Response:
         _authenticate(request.path)
         if service_id not in current.service_ids:
             raise HookError(404, f"no CDS service with id {service_id!r}")
-        body = _decode_body()
+        body = _decode_hook_body()
         held.items.append(body)
         hook_request = parse_hook_request(body, current.hook_of(service_id))
     except HookError as exc:

@@ -1,0 +1,201 @@
+"""A field-selective decoder for hook requests: the bulk of the prefetch, decoded only as far as
+screening reads it.
+
+A patient-view request is mostly prefetch Bundles: a thousand Observations, hundreds of infusion
+records. Decoding all of it into dicts (``orjson.loads``) and letting it go again was, after
+issue 17's other work, the largest single cost of a hook. msgspec decodes straight into the
+shapes below: the fields that gathering and extraction read are kept exactly as ``orjson`` would
+give them, everything else in a resource (narrative, ``meta``, ``subject``, ``category``,
+reference ranges, performers …) is parsed as JSON but never built, and so never freed either.
+
+The decoded request is the same plain dicts and lists as before: nothing downstream changes. The
+rules that keep it the same screening:
+
+- Only what no stage reads is dropped. ``tests/test_lean_json.py`` reads the field names that
+  ``gather``, ``extract`` and the FHIR client look up and fails on one this module would drop, and
+  screens every scenario patient both ways.
+- Whole values are kept verbatim (``Any``) wherever a stage might read deeper than declared: the
+  Patient (validated with fhir.resources), the request's ``context`` and ``fhirAuthorization``,
+  and ``contained`` resources.
+- Anything not in these shapes — a field with another JSON type than FHIR gives it (a string
+  where a CodeableConcept belongs), invalid JSON — is not decoded here at all: :meth:`decode`
+  returns None and the caller decodes the body with ``orjson`` as before, so malformed requests
+  get exactly the answers they got before.
+
+Two differences from ``orjson`` remain, both in values no patient has: an integer beyond 64 bits
+in a kept field stays an exact ``int`` where orjson gives a ``float`` (every reader takes
+``float(value)`` of it), and a number beyond a double's range in a dropped field no longer
+refuses the request (orjson refuses it, msgspec does not read it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import msgspec
+
+if TYPE_CHECKING:
+    from .gather import PrefetchPlan
+
+# The shapes, as ``TypedDict``s (msgspec builds plain dicts and skips keys not declared), all
+# ``total=False``: a key absent from the JSON is absent from the dict, as with orjson.
+
+
+class Coding(TypedDict, total=False):
+    system: Any
+    code: Any
+    display: Any  # a drug or diagnosis named by display text only (extract._drug, condition)
+
+
+class CodeableConcept(TypedDict, total=False):
+    coding: list[Coding]
+    text: Any
+
+
+class Quantity(TypedDict, total=False):
+    value: Any
+    unit: Any
+    system: Any
+    code: Any
+    comparator: Any
+
+
+class Ratio(TypedDict, total=False):
+    numerator: Quantity
+    denominator: Quantity
+
+
+class Period(TypedDict, total=False):
+    start: Any
+    end: Any
+
+
+class Reference(TypedDict, total=False):
+    reference: Any
+    display: Any
+
+
+class Dosage(TypedDict, total=False):
+    dose: Quantity
+    rateQuantity: Quantity
+    rateRatio: Ratio
+
+
+class Ingredient(TypedDict, total=False):
+    itemCodeableConcept: CodeableConcept
+    strength: Ratio  # the bag: 16 mg / 250 mL
+
+
+class Component(TypedDict, total=False):
+    code: CodeableConcept
+    valueQuantity: Quantity
+    valueCodeableConcept: CodeableConcept
+    valueString: Any
+    valueBoolean: Any
+    valueInteger: Any
+    dataAbsentReason: Any
+
+
+class Resource(TypedDict, total=False):
+    """Every resource a prefetch Bundle may hold, as one shape: the fields of Observation,
+    MedicationAdministration, Medication and Condition that extraction and gathering read (other
+    resource types keep their ``resourceType`` and ``id``, which is all that is read of them)."""
+
+    resourceType: Any
+    id: Any
+    status: Any
+    code: CodeableConcept
+    # Observation
+    effectiveDateTime: Any
+    effectiveInstant: Any
+    effectivePeriod: Period
+    issued: Any
+    valueQuantity: Quantity
+    valueCodeableConcept: CodeableConcept
+    valueString: Any
+    valueBoolean: Any
+    valueInteger: Any
+    dataAbsentReason: Any
+    component: list[Component]
+    # MedicationAdministration (effectiveDateTime and effectivePeriod above)
+    medicationCodeableConcept: CodeableConcept
+    medicationReference: Reference
+    dosage: Dosage
+    contained: Any
+    # Medication
+    ingredient: list[Ingredient]
+    # Condition
+    clinicalStatus: Any
+    verificationStatus: Any
+    onsetDateTime: Any
+    onsetPeriod: Any
+    recordedDate: Any
+    # OperationOutcome (a failed search's outcome in place of a Bundle or as an entry)
+    issue: Any
+
+
+class EntrySearch(TypedDict, total=False):
+    mode: Any  # "outcome": an OperationOutcome entry, not data
+
+
+class Entry(TypedDict, total=False):
+    resource: Resource
+    search: EntrySearch
+
+
+class Link(TypedDict, total=False):
+    relation: Any  # "next": the pages to follow; "self": the page itself
+    url: Any
+
+
+class Bundle(TypedDict, total=False):
+    """A prefetch value that should be a searchset Bundle (or an OperationOutcome in its place)."""
+
+    resourceType: Any
+    id: Any
+    type: Any
+    total: Any
+    link: list[Link]
+    entry: list[Entry]
+    issue: Any
+
+
+class LeanDecoder:
+    """Decodes a patient-view request body for one prefetch plan (its keys: which are Bundles)."""
+
+    def __init__(self, bundle_keys: list[str], resource_keys: list[str]) -> None:
+        fields: dict[str, Any] = {key: Bundle | None for key in bundle_keys}
+        fields.update({key: Any for key in resource_keys})
+        prefetch = TypedDict("Prefetch", fields, total=False)  # type: ignore[misc]
+        # Functional syntax: the class syntax cannot name the local ``prefetch`` type.
+        request = TypedDict(  # type: ignore[misc]  # noqa: UP013
+            "HookRequestBody",
+            {
+                "hook": Any,
+                "hookInstance": Any,
+                "fhirServer": Any,
+                "fhirAuthorization": Any,
+                "context": Any,
+                "prefetch": prefetch | None,
+                "extension": Any,
+            },
+            total=False,
+        )
+        #: The request's shape (tests project a full decode onto it).
+        self.request_type: Any = request
+        self._decoder = msgspec.json.Decoder(request)
+
+    @classmethod
+    def for_plan(cls, plan: PrefetchPlan) -> LeanDecoder:
+        """The plan's Patient key is kept whole (it is validated with fhir.resources); every other
+        key is a search, answered with a Bundle."""
+        resource_keys = [q.key for q in plan.queries if q.resource_type == "Patient"]
+        return cls([q.key for q in plan.queries if q.key not in resource_keys], resource_keys)
+
+    def decode(self, body: bytes) -> dict[str, Any] | None:
+        """The request with what screening reads, or None when the body is not an ordinary request
+        (then decode it in full: the answer, an error included, is whatever it was before)."""
+        try:
+            return self._decoder.decode(body)  # type: ignore[no-any-return]
+        except msgspec.DecodeError:  # ValidationError included
+            return None

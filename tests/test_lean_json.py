@@ -1,0 +1,358 @@
+"""[speed] The field-selective decoder gives the same screening as a full decode.
+
+``patient_data/lean_json.py`` decodes a hook request keeping only the fields gathering and
+extraction read (issue 17). What a user relies on: the same cards, whatever the chart holds. So:
+
+- every field name ``gather``, ``extract`` and the FHIR client look up is one the decoder keeps (a
+  stage that starts reading a new field fails here until the decoder keeps it too);
+- on random requests built from the decoder's own shapes plus random extra fields, and on random
+  JSON in their place, the lean decode is exactly the full decode with the undeclared fields
+  removed — or None (the caller then decodes in full) when the body is not in those shapes;
+- every scenario patient, and every resource of the corpus (synthea, clinosim and the official
+  HL7 R4 examples, with their odd-but-valid shapes), screens to the same facts, derived inputs and
+  trial results both ways.
+"""
+
+from __future__ import annotations
+
+import ast
+import types
+import typing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cds_service.base.config import PROJECT_ROOT
+from cds_service.base.errors import HookError
+from cds_service.patient_data import lean_json
+from cds_service.patient_data.gather import gather
+from cds_service.patient_data.hook_request import parse_hook_request
+from cds_service.patient_data.lean_json import LeanDecoder
+from cds_service.screening import Screener, ScreeningOutcome
+from cds_service.tools.scenarios import all_scenarios, hook_request
+from tests.test_corpus import CLINOSIM, HL7, SYNTHEA, _require
+
+#: Keys the scanned modules look up that are not FHIR fields of a request: settings, HTTP headers,
+#: counters of skipped resources, prefix tests. Anything else they read must be kept by the decoder.
+NOT_REQUEST_FIELDS = {
+    # fhir_client / gather settings
+    "allow_http", "allowed_servers", "deadline_seconds", "lookback_hours", "max_pages",
+    "max_response_bytes", "max_workers", "page_size",
+    # HTTP headers (fhir_client)
+    "Authorization", "Content-Length", "User-Agent",
+    # Counter keys of PatientFacts.skipped / unknown_codes, and a prefix test (gather)
+    "Observation", "MedicationAdministration", "Condition", "Patient", "not a resource",
+    "MedicationAdministration medicationReference (not resolvable)", "Medication/",
+    # gather's own key for the Medications it fetched by id
+    "medications",
+    # read from the Patient, which the decoder keeps whole (fhir.resources validates it)
+    "birthDate", "gender",
+}  # fmt: skip
+SCANNED = ["patient_data/gather.py", "patient_data/extract.py", "patient_data/fhir_client.py"]
+
+
+def _looked_up(path: Path) -> set[str]:
+    """String keys a module looks up: ``x.get("k")``, ``get("k")``, ``x["k"]``, ``"k" in x``."""
+    keys: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        key: Any = None
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("get", "pop", "setdefault"):
+                key = node.args[0].value
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        elif (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Constant)
+            and any(isinstance(op, ast.In | ast.NotIn) for op in node.ops)
+        ):
+            key = node.left.value
+        if isinstance(key, str):
+            keys.add(key)
+    return keys
+
+
+def _declared(tp: Any, seen: set[Any] | None = None) -> set[str]:
+    """Every field name of a decoder shape and the shapes inside it."""
+    seen = set() if seen is None else seen
+    if tp in seen:
+        return set()
+    seen.add(tp)
+    if typing.is_typeddict(tp):
+        names: set[str] = set()
+        for name, hint in get_type_hints(tp).items():
+            names.add(name)
+            names |= _declared(hint, seen)
+        return names
+    return set().union(*(_declared(arg, seen) for arg in get_args(tp))) if get_args(tp) else set()
+
+
+@pytest.fixture(scope="module")
+def decoder(screener: Screener) -> LeanDecoder:
+    return screener.request_decoder
+
+
+def test_every_field_a_stage_reads_is_kept(decoder: LeanDecoder) -> None:
+    declared = _declared(decoder.request_type)
+    for module in SCANNED:
+        read = _looked_up(PROJECT_ROOT / "cds_service" / module)
+        dropped = sorted(read - declared - NOT_REQUEST_FIELDS)
+        assert not dropped, (
+            f"{module} reads {dropped}, which patient_data/lean_json.py drops: declare them there "
+            "(or, if they are not request fields, in this test's NOT_REQUEST_FIELDS)"
+        )
+    # The scan finds what it should: the hot fields of both bulk resource types.
+    assert {"valueQuantity", "effectiveDateTime", "rateQuantity", "medicationReference"} <= _looked_up(
+        PROJECT_ROOT / "cds_service/patient_data/extract.py"
+    )
+
+
+# -- the decode itself against orjson --------------------------------------------------------------
+
+
+class _NotInShape(Exception):
+    pass
+
+
+def _project(value: Any, tp: Any) -> Any:
+    """The full decode reduced to a shape: what the lean decode must give (or _NotInShape)."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        (inner,) = [arg for arg in get_args(tp) if arg is not type(None)]
+        return _project(value, inner)
+    if origin is list:
+        if type(value) is not list:
+            raise _NotInShape
+        return [_project(item, get_args(tp)[0]) for item in value]
+    if typing.is_typeddict(tp):
+        if type(value) is not dict:
+            raise _NotInShape
+        hints = get_type_hints(tp)
+        return {key: _project(item, hints[key]) for key, item in value.items() if key in hints}
+    raise AssertionError(f"a shape the projection does not know: {tp!r}")
+
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)  # orjson's range (see lean_json's docstring)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+FIELD_NAMES = [
+    *sorted(_declared(lean_json.Resource) | _declared(lean_json.Bundle)),
+    *["subject", "meta", "category", "text", "performer", "referenceRange", "fullUrl"],
+]
+ANY_JSON = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _in_shape(tp: Any, depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values a shape accepts, with random extra (dropped) fields in every object."""
+    if tp is Any:
+        return ANY_JSON
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return st.one_of(*(st.none() if a is type(None) else _in_shape(a, depth) for a in get_args(tp)))
+    if origin is list:
+        return st.lists(_in_shape(get_args(tp)[0], depth + 1), max_size=3) if depth < 5 else st.just([])
+    if depth >= 5:
+        return st.just({})
+    hints = get_type_hints(tp)
+    declared = st.fixed_dictionaries({}, optional={k: _in_shape(h, depth + 1) for k, h in hints.items()})
+    dropped = st.sampled_from(["subject", "meta", "text", "x", "display"])
+    extra = st.dictionaries(dropped, ANY_JSON, max_size=2)
+    return st.tuples(extra, declared).map(lambda pair: {**pair[0], **pair[1]})
+
+
+def _check_against_orjson(decoder: LeanDecoder, raw: bytes) -> Any:
+    lean = decoder.decode(raw)
+    try:
+        full = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        assert lean is None, "a body orjson refuses is decoded in full (and refused) as before"
+        return None
+    try:
+        expected = _project(full, decoder.request_type)
+    except _NotInShape:
+        assert lean is None
+        return None
+    assert lean == expected
+    return lean
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_lean_decode_is_the_full_decode_without_the_fields_no_stage_reads(
+    decoder: LeanDecoder, data: st.DataObject
+) -> None:
+    request = data.draw(_in_shape(decoder.request_type))
+    assert _check_against_orjson(decoder, orjson.dumps(request)) is not None or request is None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prefetch=st.dictionaries(
+        st.sampled_from(["patient", "observations", "medicationAdministrations", "conditions", "other"]),
+        st.none()
+        | ANY_JSON
+        | st.builds(lambda entry: {"resourceType": "Bundle", "entry": entry}, st.lists(ANY_JSON)),
+        max_size=4,
+    )
+)
+def test_random_json_in_place_of_a_resource_is_decoded_as_before(
+    decoder: LeanDecoder, prefetch: dict[str, Any]
+) -> None:
+    _check_against_orjson(decoder, orjson.dumps({"hook": "patient-view", "prefetch": prefetch}))
+
+
+def test_what_no_stage_reads_is_not_built(decoder: LeanDecoder, screener: Screener) -> None:
+    scenario = all_scenarios(datetime(2026, 11, 30, 12, tzinfo=UTC))[0]
+    body = orjson.dumps(hook_request(scenario, screener.plan.templates()))
+    lean = decoder.decode(body)
+    assert lean is not None
+    observation = lean["prefetch"]["observations"]["entry"][0]["resource"]
+    full = orjson.loads(body)["prefetch"]["observations"]["entry"][0]["resource"]
+    assert "subject" in full and "subject" not in observation
+    assert observation["valueQuantity"] == full["valueQuantity"]
+    # The Patient is kept whole: it is validated with fhir.resources.
+    assert lean["prefetch"]["patient"] == orjson.loads(body)["prefetch"]["patient"]
+
+
+def test_a_body_out_of_the_ordinary_is_left_to_the_full_decode(decoder: LeanDecoder) -> None:
+    observation = {"resourceType": "Observation", "valueQuantity": "7 mmol/L"}  # not a Quantity
+    body = {"hook": "patient-view", "prefetch": {"observations": {"resourceType": "Bundle", "entry": [
+        {"resource": observation}]}}}  # fmt: skip
+    assert decoder.decode(orjson.dumps(body)) is None
+    assert decoder.decode(b"[1, 2]") is None
+    assert decoder.decode(b'{"hook": "patient-view",}') is None
+
+
+# -- the same screening ---------------------------------------------------------------------------
+
+
+def _screen(screener: Screener, body: Any, at: float) -> ScreeningOutcome | str:
+    request = parse_hook_request(body, "patient-view")
+    fhir = {**screener.settings.section("fhir")}
+    try:
+        data = gather(request, screener.plan, None, fhir, at)
+    except HookError as exc:
+        return f"{exc.status}: {exc.diagnostics}"
+    return screener.screen(request.patient_id, data, at)
+
+
+def _same_screening(screener: Screener, raw: bytes, at: float) -> bool:
+    """Screens the body decoded in full and decoded lean; True when the lean decode was taken."""
+    lean = screener.request_decoder.decode(raw)
+    if lean is None:
+        return False
+    full, thin = _screen(screener, orjson.loads(raw), at), _screen(screener, lean, at)
+    if isinstance(full, str) or isinstance(thin, str):
+        assert full == thin
+        return True
+    assert thin.facts == full.facts
+    assert thin.inputs == full.inputs
+    assert thin.results == full.results
+    return True
+
+
+def test_every_scenario_patient_screens_the_same_both_ways(screener: Screener) -> None:
+    at = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    scenarios = all_scenarios(at)
+    for scenario in scenarios:
+        raw = orjson.dumps(hook_request(scenario, screener.plan.templates()))
+        assert _same_screening(screener, raw, at.timestamp()), scenario.name
+
+
+def _as_prefetch(resources: list[Any], patient_id: str) -> bytes:
+    """Resources as the prefetch of a request: each in the Bundle of the key that asks for its type."""
+    keys = {
+        "MedicationAdministration": "medicationAdministrations",
+        "Medication": "medicationAdministrations",
+        "Condition": "conditions",
+    }
+    bundles: dict[str, list[Any]] = {"observations": [], "medicationAdministrations": [], "conditions": []}
+    patient = None
+    for resource in resources:
+        kind = resource.get("resourceType") if isinstance(resource, dict) else None
+        if kind == "Patient" and patient is None:
+            patient = resource
+            continue
+        bundles[keys.get(str(kind), "observations")].append({"resource": resource})
+    prefetch: dict[str, Any] = {
+        key: {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+        for key, entries in bundles.items()
+    }
+    prefetch["patient"] = patient
+    return orjson.dumps(
+        {
+            "hook": "patient-view",
+            "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "context": {"userId": "Practitioner/doc-1", "patientId": patient_id},
+            "prefetch": prefetch,
+        }
+    )
+
+
+#: The resource types a prefetch Bundle of this service's plan holds.
+PREFETCH_TYPES = {
+    *("Observation", "MedicationAdministration", "Medication", "Condition"),
+    *("OperationOutcome", "Patient"),
+}
+
+
+def _documents(folder: Path, pattern: str) -> list[Any]:
+    documents = []
+    for path in sorted(folder.glob(pattern)):
+        if path.suffix == ".ndjson":
+            documents.extend(orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())
+            continue
+        try:
+            documents.append(orjson.loads(path.read_bytes()))
+        except orjson.JSONDecodeError:
+            continue
+    return documents
+
+
+def _resources(document: Any) -> list[Any]:
+    if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+        return [e.get("resource") for e in document.get("entry") or () if isinstance(e, dict)]
+    return [document] if isinstance(document, dict) and "resourceType" in document else []
+
+
+def test_the_corpus_screens_the_same_both_ways(screener: Screener) -> None:
+    """synthea and clinosim patients, and every HL7 R4 example (odd-but-valid shapes), as prefetch."""
+    _require(SYNTHEA, "synthea output")
+    _require(CLINOSIM, "clinosim output")
+    _require(HL7, "npm hl7.fhir.r4.examples")
+    at = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    patients = [("synthea", _resources(d)) for d in _documents(SYNTHEA, "*.json")]
+    patients.append(("clinosim", _documents(CLINOSIM, "*.ndjson")))
+    patients += [("hl7", _resources(d)) for d in _documents(HL7, "*.json") if _resources(d)]
+    assert len(patients) > 2000
+    in_shape = 0
+    for source, resources in patients:
+        taken = _same_screening(screener, _as_prefetch(resources, source), at)
+        # What an EHR's prefetch holds is always in the shapes, however odd (the lean decode is
+        # taken); other resource types (SearchParameter's string `code` …) may be decoded in full.
+        if all(isinstance(r, dict) and r.get("resourceType") in PREFETCH_TYPES for r in resources):
+            assert taken, (source, [r.get("id") for r in resources][:5])
+            in_shape += 1
+    assert in_shape > 100
