@@ -120,6 +120,70 @@ def test_infusion_segments_and_vis_agree_with_the_brute_force_definition(
     assert vis_series(facts, knowledge, at) == sweep_oracles.vis_series(facts, knowledge, at)
 
 
+@st.composite
+def consecutive_titration(draw: st.DrawFn) -> PatientFacts:
+    """A titration charted as consecutive records — each ends when the next starts, or is a rate
+    charted at one moment — as most EHRs chart one: the shape the segments' and the VIS points'
+    one-drug fast paths take. Now and then a gap, an overlap, a record sharing its neighbour's
+    resource, a repeated rate, a second drug, so that both sides of each fast path are exercised."""
+    drugs = ["norepinephrine"] + (["vasopressin"] if draw(st.integers(0, 3)) == 0 else [])
+    records: list[AdministrationFact] = []
+    for drug in drugs:
+        time = T - draw(st.integers(0, 48)) * STEP
+        count = draw(st.integers(1, 30))
+        for index in range(count):
+            step = draw(st.sampled_from([1, 1, 1, 2, 3])) * STEP
+            shape = draw(st.sampled_from(["period", "period", "period", "moment", "gap", "overlap"]))
+            last = index == count - 1
+            end: float | None = {
+                "period": time + step,
+                "moment": time,
+                "gap": time + step / 2,
+                "overlap": time + 2 * step,
+            }[shape]
+            if last and draw(st.booleans()):
+                end = None
+            status = "in-progress" if shape == "moment" or end is None else "completed"
+            resource = index - 1 if index and draw(st.integers(0, 9)) == 0 else index
+            records.append(
+                AdministrationFact(
+                    drug,
+                    time,
+                    end,
+                    draw(
+                        st.sampled_from(
+                            [0.1, 0.1, 0.12, 0.3, 0.0, 0.05 if drug == "norepinephrine" else 0.03]
+                        )
+                    ),
+                    "ug/kg/min" if drug == "norepinephrine" else "U/min",
+                    f"MedicationAdministration/{drug}-{resource}",
+                    "c",
+                    draw(st.sampled_from(["code", "code", "text"])),
+                    status,
+                )
+            )
+            time += step
+    records.sort(key=lambda a: a.start)  # as extraction orders them
+    facts = PatientFacts("p", administrations=records)
+    facts.observations["body_weight"] = [
+        ObservationFact("body_weight", T - 7200.0, 80.0, "kg", "Observation/w", "http://loinc.org|29463-7")
+    ]
+    return facts
+
+
+@PROPERTY
+@given(facts=consecutive_titration(), at_offset=st.sampled_from([0.0, 0.0, -6 * STEP, -20.5 * STEP]))
+def test_consecutive_titrations_agree_with_the_brute_force_definition(
+    facts: PatientFacts, at_offset: float
+) -> None:
+    at = T + at_offset
+    vis_drugs = {n for n, d in _KNOWLEDGE.drugs.items() if d.vis_coefficient is not None}
+    assert _infusion_segments(facts.administrations, vis_drugs, at) == sweep_oracles.infusion_segments(
+        facts.administrations, vis_drugs, at
+    )
+    assert vis_series(facts, _KNOWLEDGE, at) == sweep_oracles.vis_series(facts, _KNOWLEDGE, at)
+
+
 # -- septic-shock onset: every vasopressor episode against the lactates around it ------------------------
 
 

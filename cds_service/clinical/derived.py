@@ -43,6 +43,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -199,6 +200,7 @@ class _Segment(NamedTuple):
 
 
 _RUNNING = float("inf")
+_UNSET: Any = object()
 #: A NamedTuple built without its Python-level ``__new__`` (every field given): built per record.
 _new_tuple = tuple.__new__
 #: A record with a period start and no end is running unless its status says it has finished.
@@ -252,15 +254,49 @@ def _infusion_segments(
         # drug's next later start: a rate charted at one moment runs until then), then put in order.
         spans: list[tuple[float, float, AdministrationFact]] = []
         following: float | None = None
+        # Whether the spans follow one another without overlapping (a titration charted as
+        # consecutive records, the common case) and no two that touch are the same resource (which
+        # the sweep would merge): then each span is its own segment and the sweep is not needed.
+        disjoint = True
+        later_start, later_resource = _RUNNING, None
         for index in range(len(records) - 1, -1, -1):
             record = records[index]
-            start = record.start
-            end = _record_end(record, following, at)
+            start, end = record.start, record.end
+            # `_record_end` inlined for a period with a later end, the common shape.
+            if end is None or end <= start or record.bolus:
+                end = _record_end(record, following, at)
+            elif end > at:
+                end = _RUNNING
             if end is not None and end > start:
                 spans.append((start, end, record))
+                if disjoint and (
+                    end > later_start or (end == later_start and record.resource == later_resource)
+                ):
+                    disjoint = False
+                later_start, later_resource = start, record.resource
             if index and records[index - 1].start < start:
                 following = start
         spans.reverse()
+        if disjoint:
+            segments.extend(
+                [
+                    _new_tuple(
+                        _Segment,
+                        (
+                            drug,
+                            start,
+                            None if end == _RUNNING else end,
+                            record.rate,
+                            record.rate_unit,
+                            record.resource,
+                            record.matched_by,
+                            record.rate_note,
+                        ),
+                    )
+                    for start, end, record in spans
+                ]
+            )
+            continue
         boundaries = sorted({span[0] for span in spans} | {span[1] for span in spans if span[1] != _RUNNING})
         # The candidate for each distinct start: the one running longest, then the later record.
         candidates: list[tuple[float, float, AdministrationFact]] = []
@@ -309,12 +345,9 @@ def _infusion_segments(
     return segments
 
 
-def _start_of(record: AdministrationFact) -> float:
-    return record.start
-
-
-def _time_of(fact: ObservationFact) -> float:
-    return fact.time
+#: Sort keys (C-level getters: a Python function per record costs more than the sort).
+_start_of: Callable[[AdministrationFact], float] = attrgetter("start")
+_time_of: Callable[[ObservationFact], float] = attrgetter("time")
 
 
 def vis_series(
@@ -337,34 +370,48 @@ def vis_series(
         summary = Derived(0.0, "known", (Evidence("no vasoactive infusion running in the look-back window"),))
         return [], summary
     weight = weight if weight is not None else body_weight(facts, at)
-    # A segment's dose and its text do not change while it runs: worked out once per segment. The
+    # A segment's dose and its text do not change while it runs: worked out once per segment — and,
+    # as a titration returns to the same few rates, once per distinct rate (`known_terms`). The
     # score is unknown as soon as one dose cannot be had: that of the first such segment in time
     # (then in the drugs' order) is named, as a walk through time would find it.
     by_drug: dict[str, list[_Segment]] = {}
     for segment in segments:
         by_drug.setdefault(segment.drug, []).append(segment)
-    groups: list[tuple[list[_Segment], list[tuple[float, str, str]]]] = []
+    groups: list[tuple[list[_Segment], list[_Term]]] = []
+    known_terms: dict[tuple[Any, ...], _Term] = {}
+    conversions: dict[str, Any] = {}  # rate unit → knowledge.rate_conversion (one look-up per unit)
     failed: tuple[float, int, _Segment, str, bool] | None = None
     used_weight = False
     for group, drug_segments in enumerate(by_drug.values()):
         drug = vis_drugs[drug_segments[0].drug]
-        terms: list[tuple[float, str, str]] = []
+        terms: list[_Term] = []
         for segment in drug_segments:
-            dose, why, per_kg = _dose(segment, drug.dose_unit, knowledge, weight)
-            if dose is None:
-                if failed is None or (segment.start, group) < failed[:2]:
-                    failed = (segment.start, group, segment, why, per_kg)
-                break  # a later segment of this drug cannot come first
-            used_weight = used_weight or per_kg
-            text_note = " (matched by medication text)" if segment.matched_by == "text" else ""
-            arithmetic = _arithmetic(segment, dose, drug.dose_unit, per_kg, weight)
-            terms.append(
-                (
+            rate = segment.rate
+            # Only a non-zero float is a safe key: 0.0 and -0.0 (or 1 and 1.0) are equal keys that
+            # print differently.
+            memo_key = (
+                (segment.drug, rate, segment.rate_unit, segment.rate_note, segment.matched_by)
+                if type(rate) is float and rate
+                else None
+            )
+            term = known_terms.get(memo_key) if memo_key is not None else None
+            if term is None:
+                dose, why, per_kg = _dose(segment, drug.dose_unit, knowledge, weight, conversions)
+                if dose is None:
+                    if failed is None or (segment.start, group) < failed[:2]:
+                        failed = (segment.start, group, segment, why, per_kg)
+                    break  # a later segment of this drug cannot come first
+                text_note = " (matched by medication text)" if segment.matched_by == "text" else ""
+                arithmetic = _arithmetic(segment, dose, drug.dose_unit, per_kg, weight)
+                term = _Term(
                     drug.vis_coefficient * dose,  # type: ignore[operator]
                     f"{segment.drug} {dose:.3g} {drug.dose_unit}{arithmetic}{text_note}",
-                    segment.resource,
+                    per_kg,
                 )
-            )
+                if memo_key is not None:
+                    known_terms[memo_key] = term
+            used_weight = used_weight or term.per_kg
+            terms.append(term)
         groups.append((drug_segments, terms))
     if failed is not None:
         _, _, segment, why, per_kg = failed
@@ -375,30 +422,7 @@ def vis_series(
             shown = f"{segment.drug} infusion, {rate}"
         evidence = (Evidence(shown, segment.start, (segment.resource,)), *(weight.evidence if per_kg else ()))
         return [], Derived(None, "unknown", evidence, why)
-    # One sweep over the change times. A drug's segments do not overlap and come in time order, so
-    # each drug keeps a pointer to the segment that may be running; the drugs keep their order (the
-    # order of the terms in the sum and in the note).
-    change_times = sorted({s.start for s in segments} | {s.end for s in segments if s.end is not None})
-    pointers = [0] * len(groups)
-    points: list[ObservationFact] = []
-    for time in change_times:
-        total = 0.0
-        parts: list[str] = []
-        resources: list[str] = []
-        for group, (drug_segments, terms) in enumerate(groups):
-            position = pointers[group]
-            count = len(drug_segments)
-            while position < count and (end := drug_segments[position].end) is not None and end <= time:
-                position += 1
-            pointers[group] = position
-            if position < count and drug_segments[position].start <= time:
-                value, part, resource = terms[position]
-                total += value
-                parts.append(part)
-                resources.append(resource)
-        note = " + ".join(parts) if parts else "no vasoactive infusion running"
-        fact = ("vis", time, total, "", ",".join(resources), "derived:vis", note, "")
-        points.append(_new_tuple(ObservationFact, fact))
+    points = _one_drug_points(*groups[0]) if len(groups) == 1 else _points(segments, groups)
     current = points[-1]  # every change time is at or before `at`
     evidence = [
         Evidence(
@@ -412,6 +436,69 @@ def vis_series(
     return points, Derived(current.value, "known", tuple(evidence))
 
 
+class _Term(NamedTuple):
+    """A running segment's part of the score: its points, its text in the note, whether per kg."""
+
+    value: float
+    text: str
+    per_kg: bool
+
+
+_NONE_RUNNING = "no vasoactive infusion running"
+
+
+def _one_drug_points(drug_segments: list[_Segment], terms: list[_Term]) -> list[ObservationFact]:
+    """The VIS points when one drug gives the whole score (the common case): a point where each
+    segment starts, and one where it stops unless the next one starts then. :func:`_points` gives
+    the same for any number of drugs (the sum starts at 0.0, so the value is ``0.0 + term``, as
+    there); ``tests/test_sweep_line.py`` checks both against the brute-force definition."""
+    points: list[ObservationFact] = []
+    append = points.append
+    last = len(drug_segments) - 1
+    for index, segment in enumerate(drug_segments):
+        term = terms[index]
+        append(
+            _new_tuple(
+                ObservationFact,
+                ("vis", segment.start, 0.0 + term.value, "", segment.resource, "derived:vis", term.text, ""),
+            )
+        )
+        end = segment.end
+        if end is not None and (index == last or drug_segments[index + 1].start != end):
+            append(_new_tuple(ObservationFact, ("vis", end, 0.0, "", "", "derived:vis", _NONE_RUNNING, "")))
+    return points
+
+
+def _points(
+    segments: list[_Segment], groups: list[tuple[list[_Segment], list[_Term]]]
+) -> list[ObservationFact]:
+    """The VIS points of several drugs: one sweep over the change times. A drug's segments do not
+    overlap and come in time order, so each drug keeps a pointer to the segment that may be
+    running; the drugs keep their order (the order of the terms in the sum and in the note)."""
+    change_times = sorted({s.start for s in segments} | {s.end for s in segments if s.end is not None})
+    pointers = [0] * len(groups)
+    points: list[ObservationFact] = []
+    for time in change_times:
+        total = 0.0
+        parts: list[str] = []
+        resources: list[str] = []
+        for group, (drug_segments, terms) in enumerate(groups):
+            position = pointers[group]
+            count = len(drug_segments)
+            while position < count and (end := drug_segments[position].end) is not None and end <= time:
+                position += 1
+            pointers[group] = position
+            if position < count and (running := drug_segments[position]).start <= time:
+                term = terms[position]
+                total += term.value
+                parts.append(term.text)
+                resources.append(running.resource)
+        note = " + ".join(parts) if parts else _NONE_RUNNING
+        fact = ("vis", time, total, "", ",".join(resources), "derived:vis", note, "")
+        points.append(_new_tuple(ObservationFact, fact))
+    return points
+
+
 def _arithmetic(segment: _Segment, dose: float, dose_unit: str, per_kg: bool, weight: Derived) -> str:
     """How a dose was obtained, for the evidence: "(15 mL/h × 16 mg/250 mL = 0.96 mg/h ÷ 80 kg)"."""
     steps = [segment.rate_note] if segment.rate_note else []
@@ -423,13 +510,22 @@ def _arithmetic(segment: _Segment, dose: float, dose_unit: str, per_kg: bool, we
 
 
 def _dose(
-    segment: _Segment, dose_unit: str, knowledge: Knowledge, weight: Derived
+    segment: _Segment,
+    dose_unit: str,
+    knowledge: Knowledge,
+    weight: Derived,
+    conversions: dict[str, Any] | None = None,
 ) -> tuple[float | None, str, bool]:
-    """(dose in the drug's VIS unit, why not, whether the body weight was used)."""
+    """(dose in the drug's VIS unit, why not, whether the body weight was used). ``conversions``
+    memoises ``knowledge.rate_conversion`` per rate unit for the caller."""
     if segment.rate is None:
         why = segment.rate_note or f"infusion rate not charted ({segment.resource})"
         return None, f"{segment.drug}: {why}", False
-    conversion = knowledge.rate_conversion(segment.rate_unit)
+    unit = segment.rate_unit
+    if conversions is None:
+        conversion = knowledge.rate_conversion(unit)
+    elif (conversion := conversions.get(unit, _UNSET)) is _UNSET:
+        conversion = conversions[unit] = knowledge.rate_conversion(unit)
     if conversion is None or conversion.to != dose_unit:
         return None, f"{segment.drug} rate unit {segment.rate_unit!r} not convertible to {dose_unit}", False
     dose = segment.rate * conversion.factor
