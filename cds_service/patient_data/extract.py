@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import bisect
 import gc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date
+from operator import attrgetter
 from typing import Any
 
 from fhir.resources.R4B.patient import Patient
@@ -59,7 +60,12 @@ class _Extractor:
         self._unknown_keys: dict[tuple[Any, Any], str] = {}  # (system, code) → unknown_codes key
         self._texts: dict[str, Any] = {}  # medication text → Drug | None
         self._drug_codes: dict[tuple[Any, Any], Any] = {}  # (system, code) → Drug | None
+        self._coded_drugs: dict[tuple[str, str], tuple[Any, str]] = {}  # text codes → Drug, "system|code"
         self._rate_units: dict[str, bool] = {}  # rate unit → whether it converts to a dose rate
+        #: ("system|code", UCUM unit) of values `_simple_quantity` took (a non-coded input, a unit
+        #: accepted and needing no conversion): the same case again needs no `_convert` look-up.
+        self._plain_units: set[tuple[str, str]] = set()
+        self._panel_shapes: dict[int, tuple[str, str]] = {}  # id(panel) → component note, panel key
         self._notes: dict[tuple[str, float, float], str] = {}  # panel code, S, D → derived-mean note
         self.medications: dict[str, dict[str, Any]] = {}  # "Medication/<id>" → the resource
 
@@ -240,45 +246,82 @@ class _Extractor:
         no comparator — or None, and then the caller takes :meth:`_quantity_fact` (which gives the same
         fact for every case this accepts: ``tests/test_extract_fast_path.py`` compares the two)."""
         quantity = holder.get("valueQuantity")
-        if type(quantity) is not dict or item.value_type == "coded" or quantity.get("comparator"):
+        if type(quantity) is not dict or quantity.get("comparator"):
             return None
         value, unit = quantity.get("value"), quantity.get("code")
         if (
             (type(value) is not float and type(value) is not int)
             or type(unit) is not str
-            or not unit
             or quantity.get("system") != UCUM
         ):
             return None
-        converted = self._conversion_cache.get((code, unit)) or self._convert(item.name, code, unit)
-        if type(converted) is not tuple or converted[1]:  # not usable, or needs converting
-            return None
+        if (code, unit) not in self._plain_units:
+            if item.value_type == "coded" or not unit:
+                return None
+            converted = self._conversion_cache.get((code, unit)) or self._convert(item.name, code, unit)
+            if type(converted) is not tuple or converted[1]:  # not usable, or needs converting
+                return None
+            self._plain_units.add((code, unit))  # `observation` takes this case without the call
         fact = (item.name, time, float(value), item.canonical_unit, ref, code, note, "")
         return _new_fact(ObservationFact, fact)  # type: ignore[no-any-return]
 
     def observation(self, resource: dict[str, Any]) -> None:
+        # The memo look-ups (`_time`, `_classify`), the common case of `_simple_quantity` and `_add`
+        # are inlined: a call costs more than the look-up, and this runs per Observation.
         get = resource.get
         if get("status") in _IGNORED_OBSERVATION_STATUS:
             return
-        time = self._time(
+        text = (
             get("effectiveDateTime")
             or get("effectiveInstant")
             or (get("effectivePeriod") or {}).get("start")
             or get("issued")
         )
+        if type(text) is str:
+            time = self._times.get(text, _UNSET)
+            if time is _UNSET:
+                time = self._times[text] = parse_time(text)
+        else:
+            time = parse_time(text)
         codings = (get("code") or {}).get("coding")
         if time is None or not isinstance(codings, list):
             self.facts.skipped["Observation"] += 1
             return
         ref = f"Observation/{get('id', '?')}"
         for coding in codings:
-            key, item, panel = self._classify(coding.get("system"), coding.get("code"))
+            system, code = coding.get("system"), coding.get("code")
+            try:
+                key, item, panel = self._codes[system, code]
+            except (KeyError, TypeError):
+                key, item, panel = self._classify(system, code)
             if item is not None:
-                fact = (
-                    self._simple_quantity(item, resource, time, ref, key, "") if self.fast_path else None
-                ) or self._quantity_fact(item.name, resource, time, ref, key)
+                fact = None
+                if self.fast_path:
+                    # `_simple_quantity`'s plain case: a unit known to need no conversion for this code.
+                    quantity = get("valueQuantity")
+                    if type(quantity) is dict:
+                        value, unit = quantity.get("value"), quantity.get("code")
+                        if (
+                            (type(value) is float or type(value) is int)
+                            and type(unit) is str
+                            and (key, unit) in self._plain_units
+                            and not quantity.get("comparator")
+                            and quantity.get("system") == UCUM
+                        ):
+                            fact = _new_fact(
+                                ObservationFact,
+                                (item.name, time, float(value), item.canonical_unit, ref, key, "", ""),
+                            )
+                    if fact is None:
+                        fact = self._simple_quantity(item, resource, time, ref, key, "")
+                if fact is None:
+                    fact = self._quantity_fact(item.name, resource, time, ref, key)
                 if fact is not None:
-                    self._add(fact)
+                    series = self.facts.observations.get(fact.input)
+                    if series is None:
+                        self.facts.observations[fact.input] = [fact]
+                    else:
+                        series.append(fact)
                 return
             if panel is not None:
                 self._panel(panel, resource, time, ref)
@@ -297,10 +340,18 @@ class _Extractor:
     def _panel(self, panel: Any, resource: dict[str, Any], time: float, ref: str) -> None:
         # Facts are added only once the whole panel was read: a malformed component skips the panel.
         found: dict[str, ObservationFact] = {}
-        component_note = f"component of {panel.code}"
+        shape = self._panel_shapes.get(id(panel))
+        if shape is None:
+            # What every reading of this panel shares (`panel.key` builds its text on each call).
+            shape = self._panel_shapes[id(panel)] = (f"component of {panel.code}", panel.key)
+        component_note, panel_key = shape
         for component in resource.get("component") or ():
             for coding in (component.get("code") or {}).get("coding") or ():
-                key, item, _ = self._classify(coding.get("system"), coding.get("code"))
+                system, code = coding.get("system"), coding.get("code")
+                try:
+                    key, item, _ = self._codes[system, code]
+                except (KeyError, TypeError):
+                    key, item, _ = self._classify(system, code)
                 if item is not None:
                     fact = (
                         self._simple_quantity(item, component, time, ref, key, component_note)
@@ -324,17 +375,17 @@ class _Extractor:
                 note = f"derived (S + 2D)/3 from panel {panel.code}: S {systolic:g}, D {diastolic:g}"
                 if systolic and diastolic:
                     self._notes[note_key] = note
-            found[panel.mean_into] = ObservationFact(
-                panel.mean_into,
-                time,
-                mean,
-                self.k.inputs[panel.mean_into].canonical_unit,
-                ref,
-                panel.key,
-                note,
+            unit = self.k.inputs[panel.mean_into].canonical_unit
+            found[panel.mean_into] = _new_fact(
+                ObservationFact, (panel.mean_into, time, mean, unit, ref, panel_key, note, "")
             )
+        observations = self.facts.observations
         for fact in found.values():
-            self._add(fact)
+            series = observations.get(fact.input)
+            if series is None:
+                observations[fact.input] = [fact]
+            else:
+                series.append(fact)
 
     def _add(self, fact: ObservationFact) -> None:
         series = self.facts.observations.get(fact.input)
@@ -388,6 +439,20 @@ class _Extractor:
         With no dose to be had, rate None and the note says why (the VIS is then unknown)."""
         if not isinstance(dosage, dict):
             return None, "", ""
+        if self.fast_path:
+            # The common case: a UCUM dose rate already known to convert (what `_rate` and
+            # `_unit_of` below would read, without building anything on the way).
+            quantity = dosage.get("rateQuantity")
+            if type(quantity) is dict:
+                value, code = quantity.get("value"), quantity.get("code")
+                if (
+                    (type(value) is float or type(value) is int)
+                    and type(code) is str
+                    and code
+                    and self._rate_units.get(code)
+                    and quantity.get("system") == UCUM
+                ):
+                    return float(value), code, ""
         rate, unit = _rate(dosage)
         if rate is not None and self._converts(unit):
             return rate, unit, ""
@@ -433,8 +498,19 @@ class _Extractor:
         return self.medications.get(medication_key(reference))
 
     def _drug(self, resource: dict[str, Any]) -> tuple[Any, str, str, dict[str, Any] | None]:
-        medication = self._medication(resource)
+        # No (or an empty) medicationReference names no Medication: `_medication` would say None.
+        medication = self._medication(resource) if resource.get("medicationReference") else None
         concept = resource.get("medicationCodeableConcept")
+        if self.fast_path and type(concept) is dict:
+            # The common case: the first coding is a drug code seen before in this call. The loop
+            # below would return the same, having tried that coding first.
+            codings = concept.get("coding")
+            if type(codings) is list and codings and type(first := codings[0]) is dict:
+                system, code = first.get("system"), first.get("code")
+                if type(system) is str and type(code) is str:
+                    known = self._coded_drugs.get((system, code))
+                    if known is not None:
+                        return known[0], known[1], "code", medication
         if not isinstance(concept, dict):
             concept = (medication or {}).get("code")
             if not isinstance(concept, dict):
@@ -459,7 +535,10 @@ class _Extractor:
             except TypeError:  # an unhashable (malformed) system or code: not memoised
                 drug = self.k.drug_for(str(system), str(code))
             if drug is not None:
-                return drug, f"{system}|{code}", "code", medication
+                key = f"{system}|{code}"
+                if type(system) is str and type(code) is str:
+                    self._coded_drugs[system, code] = (drug, key)
+                return drug, key, "code", medication
         texts = [concept.get("text")] + [c.get("display") for c in codings]
         for text in texts:
             if isinstance(text, str) and (drug := self._drug_for_text(text)) is not None:
@@ -678,9 +757,6 @@ def _prefer_charted(series: list[ObservationFact], derived_code: str) -> list[Ob
     return kept
 
 
-def _by_time(fact: ObservationFact) -> float:
-    return fact.time
-
-
-def _by_start(fact: AdministrationFact) -> float:
-    return fact.start
+#: Sort keys (C-level getters: a Python function per fact costs more than the sort).
+_by_time: Callable[[ObservationFact], float] = attrgetter("time")
+_by_start: Callable[[AdministrationFact], float] = attrgetter("start")
