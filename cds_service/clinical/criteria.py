@@ -166,6 +166,8 @@ def _fact_test(spec: dict[str, Any]) -> FactTest:
 
     def test(fact: ObservationFact) -> bool | None:
         value = fact.value
+        if type(value) is float and not fact.comparator:  # the common case, as below
+            return compare(value, limit)
         if not isinstance(value, int | float):
             return False
         if fact.comparator:
@@ -176,7 +178,9 @@ def _fact_test(spec: dict[str, Any]) -> FactTest:
 
 
 def _undecidable(values: list[ObservationFact], test: FactTest) -> list[ObservationFact]:
-    return [f for f in values if test(f) is None]
+    """The values the test cannot decide. Only a censored value (a comparator) can be undecidable:
+    the others are not tested again (a VIS series is a point per titration record)."""
+    return [f for f in values if f.comparator and test(f) is None]
 
 
 def _censored_unknown(
