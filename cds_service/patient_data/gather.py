@@ -263,26 +263,30 @@ def gather(
 
 
 def _missing_medications(data: RawPatientData) -> list[str]:
-    """Ids of Medications that administrations name but the data does not hold (not contained)."""
-    have = {
-        f"Medication/{r.get('id')}"
-        for values in data.resources.values()
-        for r in values
-        if isinstance(r, dict) and r.get("resourceType") == "Medication"
-    }
-    wanted: dict[str, None] = {}  # an ordered set: first named, first fetched
+    """Ids of Medications that administrations name but the data does not hold (not contained).
+
+    One pass over the data (it holds every Observation too); an administration with no
+    ``medicationReference`` names no Medication and is passed over first."""
+    have: set[str] = set()
+    named: list[str] = []  # "Medication/<id>" in the order administrations name them
     for values in data.resources.values():
         for resource in values:
-            if not isinstance(resource, dict) or resource.get("resourceType") != "MedicationAdministration":
+            if not isinstance(resource, dict):
+                continue
+            kind = resource.get("resourceType")
+            if kind == "Medication":
+                have.add(f"Medication/{resource.get('id')}")
+                continue
+            if kind != "MedicationAdministration" or not (named_by := resource.get("medicationReference")):
                 continue
             if isinstance(resource.get("medicationCodeableConcept"), dict) and not _needs_strength(resource):
                 continue
-            reference = (resource.get("medicationReference") or {}).get("reference")
+            reference = named_by.get("reference")
             if not isinstance(reference, str) or reference.startswith("#") or "Medication/" not in reference:
                 continue
-            key = medication_key(reference)
-            if key not in have:
-                wanted[key] = None
+            named.append(medication_key(reference))
+    # An ordered set: first named, first fetched.
+    wanted = dict.fromkeys(key for key in named if key not in have)
     return [key.split("/", 1)[1] for key in itertools.islice(wanted, MAX_MEDICATIONS)]
 
 
