@@ -36,6 +36,21 @@ What sekmet 0.1.1 does, found by experiment (keep in mind when writing queries a
   ``multiple-matches``: clean up with ``$everything`` + a transaction of DELETEs instead.
 * An invalid date (``date=garbage``) → 400 OperationOutcome. ``_format=xml`` answers XML.
 * Nothing is written to the working directory; the data dir holds SQLite files. Ready in < 1 s.
+
+Several processes (``workers``, for the benchmark; found by reading sekmet's source,
+``sekmet/fhir/store.py``, ``context.py``, ``main.py``): ``sekmet serve`` is one uvicorn process whose
+handlers run in a thread pool but hold one sqlite connection under one lock, so it answers one
+search at a time. ``uvicorn sekmet.main:app_factory --factory --workers N`` (settings from
+``SEKMET_CONFIG``) runs N processes, each with its own connection to the same SQLite files in WAL
+mode: readers in several processes do not block each other, and a transaction committed by one
+process is seen by the next read in every other. What is process-local: each process numbers the
+writes it makes (``Store._seq``, read from the database when the process starts; searches use it as
+the last sort key) and keeps the write listeners (subscriptions). So the data is written through ONE
+process only — :class:`FhirTestServer` with ``data_dir=`` of a running single-process server
+shares that server's store read-only in practice: load through the single process, search through
+either. At start each process creates the schema if missing (``CREATE … IF NOT EXISTS``) and seeds
+the built-in subscription topics only when they are not stored yet, so a shared, already started
+store is not written to. Each process takes ~1 s to start (more on a busy machine).
 """
 
 from __future__ import annotations
@@ -73,6 +88,18 @@ def sekmet_binary() -> Path:
     return Path(configured) if configured else PROJECT_ROOT / ".fhir-venv" / "bin" / "sekmet"
 
 
+def _interpreter_of(binary: Path) -> Path:
+    """The Python that runs the ``sekmet`` script (its ``#!`` line): uvicorn is installed beside it."""
+    try:
+        with open(binary, "rb") as script:
+            first = script.readline().decode("utf-8", "replace").strip()
+    except OSError:
+        first = ""
+    if first.startswith("#!") and " " not in first[2:].strip():
+        return Path(first[2:].strip())
+    return binary.parent / "python"
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (bound then released: a small race, retried by the starter)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -100,9 +127,16 @@ def fhir_transaction(resources: list[dict[str, Any]]) -> dict[str, Any]:
 class FhirTestServer:
     """A running sekmet process and a small REST helper bound to it."""
 
-    def __init__(self, binary: Path) -> None:
+    def __init__(self, binary: Path, workers: int = 1, data_dir: Path | None = None) -> None:
+        """``workers`` > 1 runs that many uvicorn worker processes (see the module docstring), and
+        ``data_dir`` serves the store of another, running server instead of a fresh one (its data
+        is written through that server; this one's ``stop()`` leaves it in place)."""
         self.binary = binary
+        self.workers = max(1, int(workers))
+        self.shared_data_dir = data_dir
         self.workdir = Path(tempfile.mkdtemp(prefix="sekmet-test-"))
+        #: The directory of the SQLite store being served (set by ``start()``).
+        self.data_dir: Path | None = None
         self.port = 0
         self.base_url = ""
         self.process: subprocess.Popen[bytes] | None = None
@@ -121,8 +155,12 @@ class FhirTestServer:
         for attempt in range(1, attempts + 1):
             self.port = port if port is not None else free_port()
             self.base_url = f"http://127.0.0.1:{self.port}/fhir"
-            data_dir = self.workdir / f"data-{attempt}"
-            data_dir.mkdir()
+            if self.shared_data_dir is not None:
+                data_dir = self.shared_data_dir
+            else:
+                data_dir = self.workdir / f"data-{attempt}"
+                data_dir.mkdir()
+            self.data_dir = data_dir
             config = self.workdir / "settings.yaml"
             config.write_text(
                 f"base_url: {self.base_url}\n"
@@ -135,9 +173,11 @@ class FhirTestServer:
                 encoding="utf-8",
             )
             with open(self._log_path, "ab") as log:
+                self._log_start = log.tell()
                 self.process = subprocess.Popen(
-                    [str(self.binary), "serve", "--config", str(config)],
+                    self._command(config),
                     cwd=self.workdir,
+                    env={**os.environ, "SEKMET_CONFIG": str(config)},
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -150,19 +190,51 @@ class FhirTestServer:
         self.stop()
         raise FhirServerError(f"the FHIR server (sekmet) did not start; last log lines:\n{self._log_tail()}")
 
+    def _command(self, config: Path) -> list[str]:
+        if self.workers == 1:
+            return [str(self.binary), "serve", "--config", str(config)]
+        # sekmet's own `serve` runs one process; uvicorn's supervisor runs several (settings from
+        # SEKMET_CONFIG), at `serve`'s log level (its access log included: the same work per request).
+        return [
+            str(_interpreter_of(self.binary)),
+            "-m",
+            "uvicorn",
+            "sekmet.main:app_factory",
+            "--factory",
+            "--workers",
+            str(self.workers),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "info",  # also: one "Application startup complete." per worker, how readiness is counted
+        ]
+
     def _wait_ready(self) -> bool:
+        """``/metadata`` answers and, with several workers, every worker has finished starting (one
+        answering worker is not enough: a search sent to one still loading would wait for it)."""
         assert self.process is not None
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + START_TIMEOUT * self.workers
+        answered = False
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            try:
-                if self.session.get(f"{self.base_url}/metadata", timeout=2).status_code == 200:
-                    return True
-            except requests.RequestException:
-                pass
+            if not answered:
+                with contextlib.suppress(requests.RequestException):
+                    answered = self.session.get(f"{self.base_url}/metadata", timeout=2).status_code == 200
+            if answered and (self.workers == 1 or self._workers_started() >= self.workers):
+                return True
             time.sleep(0.05)
         return False
+
+    def _workers_started(self) -> int:
+        try:
+            with open(self._log_path, "rb") as log:
+                log.seek(self._log_start)
+                return log.read().count(b"Application startup complete.")
+        except OSError:
+            return 0
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
@@ -181,6 +253,11 @@ class FhirTestServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=STOP_GRACE)
+        if self.workers > 1:
+            # uvicorn's workers are the supervisor's children, in the session started for it: any
+            # the supervisor did not stop (it was killed) are stopped here, by that group's id.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         """Stop the process and remove the data directory (idempotent)."""
