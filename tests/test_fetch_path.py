@@ -1,0 +1,170 @@
+"""[speed] The fetch path's client: what it costs around the server's answers (issue 17).
+
+The searches of one hook go out with the longest first; connections are kept for every request the
+pool can make at once; the environment (proxies, CA bundle) is read once, as requests reads it, and
+~/.netrc never. Against the misbehaving local server (``fault_server``), which records every request.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_service.base.config import DEFAULTS, load_settings
+from cds_service.patient_data.fhir_client import FhirClient
+from cds_service.patient_data.gather import gather
+from cds_service.patient_data.hook_request import parse_hook_request
+from cds_service.screening import Screener
+from tests.fault_server import FaultServer
+
+TOKEN = "tok-SECRET-fetch-path"
+
+
+def _client(**overrides: Any) -> FhirClient:
+    settings = copy.deepcopy(DEFAULTS["fhir"])
+    settings["allow_http"] = True
+    settings.update(overrides)
+    return FhirClient(settings)
+
+
+@pytest.fixture
+def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No proxy variables from the machine running the tests (each test sets its own)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    yield monkeypatch
+
+
+def test_a_hook_sends_its_longest_searches_first(fault_server: FaultServer) -> None:
+    """With one pool thread the server sees the searches in the order they were handed to the pool:
+    the look-back-window searches (every Observation and administration of 72 h) first, then the
+    other paged search, then the Patient and the single-page "latest" searches. The resources come
+    back under the plan's keys, in the plan's order, whatever the sending order."""
+    screener = Screener(load_settings(environ={}))
+    fhir = {**DEFAULTS["fhir"], "allow_http": True}
+    body = {
+        "hook": "patient-view",
+        "hookInstance": "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0",
+        "context": {"userId": "Practitioner/icu-doc-1", "patientId": "pt-order"},
+        "fhirServer": fault_server.base_url,
+    }
+    request = parse_hook_request(body, "patient-view")
+    with _client(max_workers=1) as client:
+        data = gather(request, screener.plan, client, fhir, time.time(), time.monotonic() + 10)
+    sent = [r.path.rsplit("/", 1)[-1] for r in fault_server.requests]
+    windowed = [q for q in screener.plan.queries if q.date_param]
+    assert len(windowed) == 2 and sent[:2] == [q.resource_type for q in windowed], sent
+    assert sent[2] == "Condition", sent
+    assert sorted(sent[3:]) == sorted(
+        q.resource_type for q in screener.plan.queries if q.single_page or q.resource_type == "Patient"
+    ), sent
+    assert all("date=ge" in r.query or "effective-time=ge" in r.query for r in fault_server.requests[:2])
+    plan_keys = [q.key for q in screener.plan.queries if q.key != "patient"]
+    assert list(data.resources) == plan_keys
+    assert sorted(data.fetched) == sorted(q.key for q in screener.plan.queries)
+
+
+def test_concurrent_hooks_keep_their_connections(
+    fault_server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """8 hooks × 2 searches at once need 16 connections; the next 8 hooks reuse them all. (With
+    requests' default of 10 kept per host, 6 were closed after each use and opened again.)"""
+    fault_server.slow(None, 0.3)  # every search is still running when the last one is sent
+    queries = {"o": "Observation?patient=p", "c": "Condition?patient=p"}
+    client = FhirClient({**DEFAULTS["fhir"], "allow_http": True, "max_workers": 2}, concurrent_hooks=8)
+
+    def hooks() -> list[BaseException]:
+        errors: list[BaseException] = []
+
+        def hook() -> None:
+            try:
+                client.search_many(fault_server.base_url, None, queries, _in(10))
+            except BaseException as error:  # reported by the caller
+                errors.append(error)
+
+        threads = [threading.Thread(target=hook) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return errors
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
+            assert hooks() == []
+            opened = [r for r in caplog.records if "Starting new HTTP connection" in r.getMessage()]
+            assert len(opened) == 16
+            caplog.clear()
+            assert hooks() == []
+            reopened = [r for r in caplog.records if "Starting new HTTP connection" in r.getMessage()]
+            discarded = [r for r in caplog.records if "pool is full" in r.getMessage()]
+    finally:
+        client.close()
+    assert (reopened, discarded) == ([], [])
+    assert len(fault_server.requests) == 32
+
+
+def test_the_proxy_of_the_environment_is_used_and_no_proxy_is_honoured(
+    fault_server: FaultServer, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY / NO_PROXY mean what they mean to requests, read once when the client starts."""
+    with FaultServer() as proxy:
+        clean_proxy_env.setenv("HTTP_PROXY", proxy.origin)
+        with _client() as client:
+            result = client.search_many(fault_server.base_url, TOKEN, {"o": "Observation?patient=p"}, _in(5))
+        assert result == {"o": []}
+        assert fault_server.requests == [] and [r.path for r in proxy.requests] == ["/fhir/Observation"]
+
+        host = fault_server.base_url.split("//", 1)[1].split(":", 1)[0]
+        clean_proxy_env.setenv("NO_PROXY", host)
+        with _client() as client:
+            client.search_many(fault_server.base_url, TOKEN, {"o": "Observation?patient=p"}, _in(5))
+            clean_proxy_env.delenv("NO_PROXY")  # read at start: a later change does not apply
+            client.search_many(fault_server.base_url, TOKEN, {"o": "Observation?patient=p"}, _in(5))
+        assert len(proxy.requests) == 1 and len(fault_server.requests) == 2
+
+
+def test_netrc_credentials_are_never_sent(
+    fault_server: FaultServer, clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A ~/.netrc entry for the FHIR server's host must not add Basic credentials to a hook's
+    requests: the server is one the hook names; only the hook's own token may go to it."""
+    host = fault_server.base_url.split("//", 1)[1].split(":", 1)[0]
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {host} login service-account password file-secret\n", encoding="utf-8")
+    netrc.chmod(0o600)
+    clean_proxy_env.setenv("NETRC", str(netrc))
+    with _client() as client:
+        client.search_many(fault_server.base_url, None, {"o": "Observation?patient=p"}, _in(5))
+        client.search_many(fault_server.base_url, TOKEN, {"o": "Observation?patient=p"}, _in(5))
+    assert [r.header("Authorization") for r in fault_server.requests] == [None, f"Bearer {TOKEN}"]
+
+
+def test_the_ca_bundle_of_the_environment_is_used(
+    clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """REQUESTS_CA_BUNDLE (else CURL_CA_BUNDLE) verifies the EHR's TLS certificate, as with requests."""
+    bundle = tmp_path / "hospital-ca.pem"
+    clean_proxy_env.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    clean_proxy_env.setenv("CURL_CA_BUNDLE", str(bundle))
+    with _client() as client:
+        assert client._pool()[0].verify == str(bundle)
+    clean_proxy_env.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "other.pem"))
+    with _client() as client:
+        assert client._pool()[0].verify == str(tmp_path / "other.pem")
+    clean_proxy_env.delenv("REQUESTS_CA_BUNDLE")
+    clean_proxy_env.delenv("CURL_CA_BUNDLE")
+    with _client() as client:
+        assert client._pool()[0].verify is True
+
+
+def _in(seconds: float) -> float:
+    return time.monotonic() + seconds
