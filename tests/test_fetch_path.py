@@ -8,10 +8,12 @@ pool can make at once; the environment (proxies, CA bundle) is read once, as req
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,12 @@ def _client(**overrides: Any) -> FhirClient:
     return FhirClient(settings)
 
 
+@pytest.fixture(scope="module")
+def screener() -> Screener:
+    """The shipped trials' screener: its prefetch plan is the hook's searches."""
+    return Screener(load_settings(environ={}))
+
+
 @pytest.fixture
 def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """No proxy variables from the machine running the tests (each test sets its own)."""
@@ -43,12 +51,11 @@ def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPa
     yield monkeypatch
 
 
-def test_a_hook_sends_its_longest_searches_first(fault_server: FaultServer) -> None:
+def test_a_hook_sends_its_longest_searches_first(fault_server: FaultServer, screener: Screener) -> None:
     """With one pool thread the server sees the searches in the order they were handed to the pool:
     the look-back-window searches (every Observation and administration of 72 h) first, then the
     other paged search, then the Patient and the single-page "latest" searches. The resources come
     back under the plan's keys, in the plan's order, whatever the sending order."""
-    screener = Screener(load_settings(environ={}))
     fhir = {**DEFAULTS["fhir"], "allow_http": True}
     body = {
         "hook": "patient-view",
@@ -69,6 +76,84 @@ def test_a_hook_sends_its_longest_searches_first(fault_server: FaultServer) -> N
     assert all("date=ge" in r.query or "effective-time=ge" in r.query for r in fault_server.requests[:2])
     plan_keys = [q.key for q in screener.plan.queries if q.key != "patient"]
     assert list(data.resources) == plan_keys
+    assert sorted(data.fetched) == sorted(q.key for q in screener.plan.queries)
+
+
+class _Meeting(ThreadingHTTPServer):
+    """Answers (an empty searchset) only once ``expected`` requests are waiting at the same time;
+    when they never are, each answers 503 after a few seconds: requests sent one after another
+    cannot pass."""
+
+    daemon_threads = True
+
+    def __init__(self, expected: int) -> None:
+        self.barrier = threading.Barrier(expected, timeout=5)
+        self.paths: list[str] = []
+        super().__init__(("127.0.0.1", 0), _MeetingHandler)
+        self.base_url = f"http://127.0.0.1:{self.server_address[1]}/fhir"
+
+
+class _MeetingHandler(BaseHTTPRequestHandler):
+    server: _Meeting
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        try:
+            self.server.barrier.wait()
+            status, body = 200, {"resourceType": "Bundle", "type": "searchset", "entry": []}
+        except threading.BrokenBarrierError:
+            status, body = 503, {"resourceType": "OperationOutcome", "issue": []}
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_prefetch_next_pages_are_read_alongside_the_searches(screener: Screener) -> None:
+    """Prefetch Bundles with a next link (two keys) and five keys to fetch: the seven requests are
+    in flight together (the server answers none until all seven wait), not the searches first and
+    then each Bundle's next pages one key after the other."""
+    server = _Meeting(expected=7)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        observation = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {}}
+
+        def first_page(kind: str, resources: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "link": [{"relation": "next", "url": f"{server.base_url}/{kind}?patient=pt-paged&page=2"}],
+                "entry": [{"resource": resource} for resource in resources],
+            }
+
+        body = {
+            "hook": "patient-view",
+            "hookInstance": "1f2e3d4c-5b6a-4978-8675-a4b3c2d1e0f9",
+            "context": {"userId": "Practitioner/icu-doc-1", "patientId": "pt-paged"},
+            "fhirServer": server.base_url,
+            "prefetch": {
+                "observations": first_page("Observation", [observation]),
+                "medicationAdministrations": first_page("MedicationAdministration", []),
+            },
+        }
+        request = parse_hook_request(body, "patient-view")
+        fhir = {**DEFAULTS["fhir"], "allow_http": True}
+        with _client() as client:
+            data = gather(request, screener.plan, client, fhir, time.time(), time.monotonic() + 10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(server.paths) == 7
+    assert sum("page=2" in path for path in server.paths) == 2
+    assert data.resources["observations"] == [observation]
+    assert data.resources["medicationAdministrations"] == []
     assert sorted(data.fetched) == sorted(q.key for q in screener.plan.queries)
 
 

@@ -36,8 +36,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import getproxies
 
@@ -214,6 +214,17 @@ def _read_body(response: requests.Response, deadline: float, label: str, budget:
     return b"".join(chunks)
 
 
+class _PrefetchPaging(NamedTuple):
+    """A prefetch Bundle to complete: its own resources, its next link, the URLs already read (its
+    ``self`` link), the resource type its requests are labelled with, and their label."""
+
+    first: list[dict[str, Any]]
+    next_url: str | None
+    seen: set[str]
+    kind: str
+    label: str
+
+
 class FhirClient:
     """Fetches FHIR data for hooks from the hook's ``fhirServer`` within a deadline.
 
@@ -363,6 +374,7 @@ class FhirClient:
         *,
         single_page: Collection[str] = (),
         budget: ByteBudget | None = None,
+        follow: Mapping[str, tuple[dict[str, Any], str]] | None = None,
     ) -> dict[str, list[dict[str, Any]]]:
         """Run every search concurrently, following ``next`` links; key -> resources (all pages).
 
@@ -370,16 +382,26 @@ class FhirClient:
         ``"Observation?patient=123&code=http://loinc.org|2524-7&date=ge2026-11-18T00:00:00Z"``.
         Values must already be URL-safe: a ``+`` in a time-zone offset must be written ``%2B``.
         Keys in ``single_page`` get their first page only (``_sort=-date&_count=N``: "the latest N").
+        ``follow`` maps other keys to (prefetch Bundle, resource type asked for): each gets what
+        :meth:`follow_next` would give, its pages read alongside the searches rather than after them.
         Raises :class:`DataUnavailable` as soon as one search fails, or at the deadline. ``budget``
         (default: a new one of ``max_response_bytes``) is shared by every response read.
         """
         self.check_server(base_url)
-        if not queries:
+        if not queries and not follow:
             return {}
         budget = budget or self.new_budget()
         _, executor = self._pool()
         futures: dict[str, concurrent.futures.Future[list[dict[str, Any]]]] = {}
         labels: dict[str, str] = {}
+        ready: dict[str, list[dict[str, Any]]] = {}  # prefetch Bundles with no next page
+        for key, (bundle, resource_type) in (follow or {}).items():
+            paging = self._prefetch_paging(bundle, resource_type)
+            if paging.next_url is None:
+                ready[key] = paging.first
+                continue
+            labels[key] = paging.label
+            futures[key] = executor.submit(self._after_first_page, paging, base_url, token, deadline, budget)
         for key, query in queries.items():
             labels[key] = f"{_resource_type(query)} query ({key})"
             futures[key] = executor.submit(
@@ -412,7 +434,8 @@ class FhirClient:
                 raise error  # type: ignore[misc]  # a bug, not a data problem: let it be a 500
             late = ", ".join(labels[key] for key, future in futures.items() if future in pending)
             raise self._fail(DataUnavailable(f"deadline exceeded waiting for {late}"))
-        return {key: future.result() for key, future in futures.items()}
+        results = {key: future.result() for key, future in futures.items()}
+        return {key: ready[key] if key in ready else results[key] for key in [*(follow or {}), *queries]}
 
     def follow_next(
         self,
@@ -429,28 +452,44 @@ class FhirClient:
         requests in logs and metrics; the Bundle's own content, sent by the caller, is not used).
         """
         self.check_server(base_url)
+        paging = self._prefetch_paging(bundle, resource_type)
+        if paging.next_url is None:
+            return paging.first
+        spent = budget or self.new_budget()
+        return self._run(
+            lambda: self._after_first_page(paging, base_url, token, deadline, spent), deadline, paging.label
+        )
+
+    def _prefetch_paging(self, bundle: dict[str, Any], resource_type: str) -> _PrefetchPaging:
         try:
             first = _bundle_resources(bundle, "prefetch Bundle")
         except DataUnavailable as error:
             raise self._fail(error) from None
-        next_url = _next_link(bundle)
-        if next_url is None:
-            return first
         kind = resource_type if _RESOURCE_TYPE.match(resource_type) else "FHIR"
-        label = f"{kind} prefetch paging"
-        budget = budget or self.new_budget()
         seen: set[str] = set()
         for link in bundle.get("link") or []:
             if isinstance(link, dict) and link.get("relation") == "self" and isinstance(link.get("url"), str):
                 seen.add(requote_uri(link["url"]))
-        rest = self._run(
-            lambda: self._follow(
-                base_url, token, base_url, next_url, deadline, label, seen, pages=1, budget=budget, kind=kind
-            ),
+        return _PrefetchPaging(first, _next_link(bundle), seen, kind, f"{kind} prefetch paging")
+
+    def _after_first_page(
+        self, paging: _PrefetchPaging, base_url: str, token: str | None, deadline: float, budget: ByteBudget
+    ) -> list[dict[str, Any]]:
+        """The first page's resources and those of every page after it."""
+        assert paging.next_url is not None
+        rest = self._follow(
+            base_url,
+            token,
+            base_url,
+            paging.next_url,
             deadline,
-            label,
+            paging.label,
+            paging.seen,
+            pages=1,
+            budget=budget,
+            kind=paging.kind,
         )
-        return first + rest
+        return paging.first + rest
 
     def read(
         self, base_url: str, token: str | None, path: str, deadline: float, budget: ByteBudget | None = None

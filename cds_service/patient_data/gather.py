@@ -240,25 +240,23 @@ def gather(
         single_page = {q.key for q in plan.queries if q.single_page}
         budget = client.new_budget()  # one hook's FHIR responses together: fhir.max_response_bytes
         types = {q.key: q.resource_type for q in plan.queries}
-        if to_fetch:
-            fetched = client.search_many(
-                request.fhir_server,
-                request.access_token,
-                {key: to_fetch[key] for key in sorted(to_fetch, key=_send_order(plan))},
-                deadline,
-                single_page=single_page,
-                budget=budget,
-            )
-            # Back in the plan's order: extraction meets the resources in the same order as ever.
-            fetched = {key: fetched[key] for key in to_fetch}
-            patients = fetched.pop("patient", None)
-            if patients is not None:
-                data.patient = next((p for p in patients if p.get("resourceType") == "Patient"), None)
-            data.resources.update(fetched)
-        for key, bundle in to_follow.items():
-            data.resources[key] = client.follow_next(
-                request.fhir_server, request.access_token, bundle, deadline, types[key], budget
-            )
+        # The searches and the prefetch Bundles' next pages, all at once (one key's pages follow
+        # one another; different keys' do not wait for each other).
+        fetched = client.search_many(
+            request.fhir_server,
+            request.access_token,
+            {key: to_fetch[key] for key in sorted(to_fetch, key=_send_order(plan))},
+            deadline,
+            single_page=single_page,
+            budget=budget,
+            follow={key: (bundle, types[key]) for key, bundle in to_follow.items()},
+        )
+        patients = fetched.pop("patient", None)
+        if patients is not None:
+            data.patient = next((p for p in patients if p.get("resourceType") == "Patient"), None)
+        # In the plan's order, searches then followed Bundles: extraction meets the resources in
+        # the same order as ever, whatever order they were sent in.
+        data.resources.update({key: fetched[key] for key in [*to_fetch, *to_follow] if key in fetched})
         data.fetched = sorted([*to_fetch, *to_follow])
     if request.fhir_server and client is not None:
         fetch_medications(request, client, data, deadline)

@@ -724,12 +724,10 @@ def measure_fetch(
     requests_seen: list[tuple[float, float]] = []  # (sent, answer decoded), perf_counter seconds
 
     class RecordingClient(FhirClient):
-        def search_many(self, base_url, token, queries, deadline, *, single_page=(), budget=None):  # type: ignore[no-untyped-def]
+        def search_many(self, base_url, token, queries, deadline, *, single_page=(), **options):  # type: ignore[no-untyped-def]
             for key, query in queries.items():
                 issued[key] = (query, key in single_page)
-            return super().search_many(
-                base_url, token, queries, deadline, single_page=single_page, budget=budget
-            )
+            return super().search_many(base_url, token, queries, deadline, single_page=single_page, **options)
 
         def _fetch_json(self, url, base_url, token, deadline, label, budget):  # type: ignore[no-untyped-def]
             sent = time.perf_counter()
