@@ -52,6 +52,8 @@ NOT_REQUEST_FIELDS = {
     "medications",
     # read from the Patient, which the decoder keeps whole (fhir.resources validates it)
     "birthDate", "gender",
+    # the environment, read once by fhir_client's session: CA bundles, getproxies()'s NO_PROXY entry
+    "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "no",
 }  # fmt: skip
 SCANNED = ["patient_data/gather.py", "patient_data/extract.py", "patient_data/fhir_client.py"]
 
