@@ -96,9 +96,11 @@ FLOOR_BATCH = 20
 SERVER_START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
 #: Processes of the FHIR server that can answer a hook's searches in parallel (the fetch-path target
-#: is read against it). A connection is served by whichever process accepted it, so more processes
-#: than cores spread a hook's 7 searches better; on 2 cores 4 did better than 2 or 8 (docs/performance.md).
-DEFAULT_FHIR_WORKERS = 4
+#: is read against it). Each connection is served by the process that accepted it, and uvicorn's
+#: processes share one listening socket, so the kernel spreads a hook's connections unevenly: in one
+#: run 4 processes held 4, 2, 1 and 1 of the client's 8 connections (searches on one process take
+#: turns), 8 processes at most 2 each. Idle processes cost no CPU.
+DEFAULT_FHIR_WORKERS = 8
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -721,7 +723,8 @@ def measure_fetch(
     from ..patient_data.hook_request import parse_hook_request
 
     issued: dict[str, tuple[str, bool]] = {}
-    requests_seen: list[tuple[float, float]] = []  # (sent, answer decoded), perf_counter seconds
+    #: (sent, answer decoded, a search's first page?) of each request, perf_counter seconds
+    requests_seen: list[tuple[float, float, bool]] = []
 
     class RecordingClient(FhirClient):
         def search_many(self, base_url, token, queries, deadline, *, single_page=(), **options):  # type: ignore[no-untyped-def]
@@ -732,7 +735,7 @@ def measure_fetch(
         def _fetch_json(self, url, base_url, token, deadline, label, budget):  # type: ignore[no-untyped-def]
             sent = time.perf_counter()
             document = super()._fetch_json(url, base_url, token, deadline, label, budget)
-            requests_seen.append((sent, time.perf_counter()))
+            requests_seen.append((sent, time.perf_counter(), " page " not in label))
             return document
 
     settings = {**fhir_settings, "allow_http": True, "allowed_servers": [fhir_base], "deadline_seconds": 60}
@@ -760,9 +763,10 @@ def measure_fetch(
             fetched.update({key: len(values) for key, values in data.resources.items()})
             fetched["patient"] = 1 if data.patient else 0
             if requests_seen:
-                timeline["first_sent"].append(min(sent for sent, _ in requests_seen) - started)
-                timeline["last_sent"].append(max(sent for sent, _ in requests_seen) - started)
-                timeline["after_last_answer"].append(ended - max(done for _, done in requests_seen))
+                searches = [sent for sent, _, first_page in requests_seen if first_page]
+                timeline["first_sent"].append(min(searches) - started)
+                timeline["last_sent"].append(max(searches) - started)  # next pages follow their search
+                timeline["after_last_answer"].append(ended - max(done for _, done, _ in requests_seen))
             return ended - started
 
         def alone(key: str) -> float:
@@ -812,8 +816,9 @@ def measure_fetch(
         "cores": cores,
         "machine_floor_ms": _ms(floor),
         "machine_floor_ratio": round(gather_median / floor, 2),
-        # The client's own timeline inside a gathering (medians): until the first request is sent,
-        # until the last one is sent, and from the last answer decoded to gather's return.
+        # The client's own timeline inside a gathering (medians): until the first search is sent,
+        # until the last search is sent (its first page: next pages wait for the page before them),
+        # and from the last answer decoded to gather's return.
         "client_ms": {key: _ms(statistics.median(values)) for key, values in timeline.items() if values},
         "samples_ms": {
             "gather": [_ms(x) for x in gather_samples],
@@ -1269,7 +1274,7 @@ def markdown(results: dict[str, Any]) -> str:
                 ),
             ),
             row(
-                "… client: first request sent / last request sent / last answer decoded → gather "
+                "… client: first search sent / last search sent / last answer decoded → gather "
                 "returned (ms)",
                 [
                     " / ".join(str(x["client_ms"].get(k, "—")) for k in _CLIENT_TIMELINE)
