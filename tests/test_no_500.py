@@ -134,6 +134,23 @@ def test_resources_whose_id_is_not_a_fhir_id_still_give_valid_cards(fuzz_client:
     assert response.status_code == 200 and response.get_json()["cards"]
 
 
+@pytest.mark.parametrize("reference", ["Medication/bag-1", 7, ["Medication/bag-1"], True])
+def test_an_administration_whose_medication_reference_is_not_an_object_is_no_500(
+    fuzz_client: Any, reference: Any
+) -> None:
+    """Found on reading the change: with a fhirServer in the request, looking for the Medications to
+    fetch by id read ``medicationReference.reference`` of a string and the hook answered 500. Such
+    a record is malformed (extraction skips and counts it, as any malformed resource): the hook
+    answers, without the cards those records would have given."""
+    body = copy.deepcopy(VALID)
+    entries = body["prefetch"]["medicationAdministrations"]["entry"]
+    assert entries, "the valid request charts administrations"
+    for entry in entries:
+        entry["resource"]["medicationReference"] = reference
+    response = fuzz_client.post(SERVICE_URL, json=body)
+    assert response.status_code == 200, response.get_json()
+
+
 @pytest.mark.parametrize("key", sorted(VALID["prefetch"]))
 def test_every_dropped_prefetch_key_is_fetched_and_ends_in_412(
     fuzz_client: Any, key: str, caplog: pytest.LogCaptureFixture

@@ -291,8 +291,9 @@ def _missing_medications(data: RawPatientData) -> list[str]:
             if kind == "Medication":
                 have.add(f"Medication/{resource.get('id')}")
                 continue
-            if kind != "MedicationAdministration" or not (named_by := resource.get("medicationReference")):
-                continue
+            named_by = resource.get("medicationReference")
+            if kind != "MedicationAdministration" or not isinstance(named_by, dict):
+                continue  # (a malformed reference names nothing: extraction counts it as skipped)
             if isinstance(resource.get("medicationCodeableConcept"), dict) and not _needs_strength(resource):
                 continue
             reference = named_by.get("reference")
