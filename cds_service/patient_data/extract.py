@@ -379,13 +379,8 @@ class _Extractor:
             found[panel.mean_into] = _new_fact(
                 ObservationFact, (panel.mean_into, time, mean, unit, ref, panel_key, note, "")
             )
-        observations = self.facts.observations
         for fact in found.values():
-            series = observations.get(fact.input)
-            if series is None:
-                observations[fact.input] = [fact]
-            else:
-                series.append(fact)
+            self._add(fact)
 
     def _add(self, fact: ObservationFact) -> None:
         series = self.facts.observations.get(fact.input)
