@@ -1274,12 +1274,8 @@ def markdown(results: dict[str, Any]) -> str:
                 ),
             ),
             row(
-                "… client: first search sent / last search sent / last answer decoded → gather "
-                "returned (ms)",
-                [
-                    " / ".join(str(x["client_ms"].get(k, "—")) for k in _CLIENT_TIMELINE)
-                    for x in f
-                ],
+                "… client: first search sent / last search sent / last answer decoded → gather returned (ms)",
+                [" / ".join(str(x["client_ms"].get(k, "—")) for k in _CLIENT_TIMELINE) for x in f],
             ),
             row(
                 f"… within the {f[0]['deadline_seconds']:g} s hook deadline",
