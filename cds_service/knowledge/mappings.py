@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,10 @@ class Knowledge:
     condition_exact: dict[str, dict[str, CodeRow]] = field(default_factory=dict)
     condition_prefix: dict[str, list[tuple[str, str, CodeRow]]] = field(default_factory=dict)
     coded_value_index: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: (code key, UCUM unit code as charted) of numeric inputs whose value is taken as it is: the unit
+    #: is accepted for the code and is the input's canonical unit, or an alias of it. Extraction's
+    #: fast paths read these without a conversion look-up (any other unit takes the general path).
+    plain_units: frozenset[tuple[str, str]] = frozenset()
 
     def __post_init__(self) -> None:
         for item in self.inputs.values():
@@ -420,6 +425,18 @@ class Knowledge:
                     self.condition_exact.setdefault(row.key, {})[value_set.name] = row
         for rows in self.condition_prefix.values():
             rows.sort(key=lambda item: -len(item[0]))  # the most specific prefix first
+        self.plain_units = frozenset(self._plain_units())
+
+    def _plain_units(self) -> Iterator[tuple[str, str]]:
+        for key, item in self.observation_codes.items():
+            if item.value_type == "coded":
+                continue
+            units = set(self.observation_units[key]) or {item.canonical_unit}
+            units |= {alias for alias, unit in self.unit_aliases.items() if unit in units}
+            for unit in units:
+                conversion = self.conversion(item.name, unit) if self.accepts_unit(key, unit) else None
+                if unit and conversion is not None and conversion.factor == conversion.divisor == 1.0:
+                    yield key, unit
 
     # -- look-ups used in the hot path -------------------------------------------------------------
     def canonical_system(self, system: str) -> str:

@@ -47,6 +47,8 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri, should_bypass_proxies
 
+from .lean_json import LeanObservation
+
 __all__ = ["DEADLINE_SLACK", "ByteBudget", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
 
 logger = logging.getLogger(__name__)
@@ -189,7 +191,7 @@ def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]
         if isinstance(search, dict) and search.get("mode") == "outcome":
             continue
         resource = entry.get("resource")
-        if isinstance(resource, dict):
+        if isinstance(resource, dict | LeanObservation):  # (a prefetch Bundle's Observations)
             resources.append(resource)
     return resources
 
