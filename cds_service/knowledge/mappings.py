@@ -398,6 +398,10 @@ class Knowledge:
     #: is accepted for the code and is the input's canonical unit, or an alias of it. Extraction's
     #: fast paths read these without a conversion look-up (any other unit takes the general path).
     plain_units: frozenset[tuple[str, str]] = frozenset()
+    #: (system, code) → (the drug, "system|code") of every drug code row (``drug_for`` by parts).
+    coded_drugs: dict[tuple[str, str], tuple[Drug, str]] = field(default_factory=dict)
+    #: Unit codes, as charted, that ``rate_conversion`` turns into a dose rate the VIS uses.
+    rate_units: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for item in self.inputs.values():
@@ -413,6 +417,7 @@ class Knowledge:
         for drug in self.drugs.values():
             for row in drug.codes:
                 self.drug_codes[row.key] = drug
+                self.coded_drugs[row.system, row.code] = (drug, row.key)
             for pattern in drug.text_patterns:
                 self.drug_text.append((re.compile(rf"\b{re.escape(pattern)}\b", re.IGNORECASE), drug))
         for value_set in self.value_sets.values():
@@ -426,6 +431,8 @@ class Knowledge:
         for rows in self.condition_prefix.values():
             rows.sort(key=lambda item: -len(item[0]))  # the most specific prefix first
         self.plain_units = frozenset(self._plain_units())
+        units = set(self.rate_conversions) | set(self.unit_aliases)
+        self.rate_units = frozenset(unit for unit in units if unit and self.rate_conversion(unit) is not None)
 
     def _plain_units(self) -> Iterator[tuple[str, str]]:
         for key, item in self.observation_codes.items():

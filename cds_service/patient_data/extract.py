@@ -17,6 +17,7 @@ from datetime import date
 from operator import attrgetter
 from typing import Any
 
+import msgspec
 from fhir.resources.R4B.patient import Patient
 from pydantic import ValidationError
 
@@ -29,7 +30,7 @@ from ..base.facts import (
     parse_time,
 )
 from ..knowledge.mappings import UCUM, Conversion, Knowledge
-from .lean_json import UNSET, LeanCodeableConcept, LeanObservation, LeanQuantity
+from .lean_json import UNSET, LeanCodeableConcept, LeanQuantity, LeanResource
 
 _IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 _IGNORED_ADMINISTRATION_STATUS = frozenset({"entered-in-error", "not-done", "cancelled"})
@@ -61,8 +62,10 @@ class _Extractor:
         self._unknown_keys: dict[tuple[Any, Any], str] = {}  # (system, code) → unknown_codes key
         self._texts: dict[str, Any] = {}  # medication text → Drug | None
         self._drug_codes: dict[tuple[Any, Any], Any] = {}  # (system, code) → Drug | None
-        self._coded_drugs: dict[tuple[str, str], tuple[Any, str]] = {}  # text codes → Drug, "system|code"
-        self._rate_units: dict[str, bool] = {}  # rate unit → whether it converts to a dose rate
+        # (system, code) → Drug, "system|code"; the mapping files' drug codes known from the start.
+        self._coded_drugs: dict[tuple[str, str], tuple[Any, str]] = dict(knowledge.coded_drugs)
+        #: rate unit → whether it converts to a dose rate (the known ones from the start).
+        self._rate_units: dict[str, bool] = dict.fromkeys(knowledge.rate_units, True)
         #: ("system|code", UCUM unit) of values `_simple_quantity` took (a non-coded input, a unit
         #: accepted and needing no conversion): the same case again needs no `_convert` look-up.
         self._plain_units: set[tuple[str, str]] = set(knowledge.plain_units)
@@ -338,8 +341,8 @@ class _Extractor:
                 name = f"Observation {system}|{code}"
             unknown[name] += 1
 
-    def lean_observation(self, resource: LeanObservation) -> None:
-        """:meth:`observation` of an Observation decoded as a :class:`LeanObservation`: the common
+    def lean_observation(self, resource: LeanResource) -> None:
+        """:meth:`observation` of an Observation decoded as a :class:`LeanResource`: the common
         case — a dateTime, codings with a system and a code, a quantity in a unit this code already
         took without conversion, or a panel, or codes no input uses — read from its attributes;
         any other case from the dict it stands for, by :meth:`observation` itself.
@@ -495,6 +498,69 @@ class _Extractor:
             rate is None and not rate_note and end == start and isinstance(dosage, dict) and "dose" in dosage
         )
         fact = (drug.name, start, end, rate, rate_unit, ref, code, matched_by, status, bolus, rate_note)
+        self.facts.administrations.append(_new_fact(AdministrationFact, fact))
+
+    def lean_administration(self, resource: LeanResource) -> None:
+        """:meth:`administration` of a MedicationAdministration decoded as a :class:`LeanResource`,
+        read from its attributes; the parts the general path reads as dicts (an uncommon drug
+        coding, a dosage that is not a UCUM dose rate) are handed to it as the dicts they stand
+        for. One that names a Medication is read from its whole dict, by :meth:`administration`."""
+        status, identifier = resource.status, resource.id
+        if (
+            type(status) is not str
+            or type(identifier) is not str
+            or resource.medicationReference is not UNSET
+        ):
+            self.administration(resource.as_dict())
+            return
+        if status in _IGNORED_ADMINISTRATION_STATUS:
+            return
+        concept = resource.medicationCodeableConcept
+        known = None
+        if self.fast_path and type(concept) is LeanCodeableConcept and concept.coding:
+            first = concept.coding[0]  # (`_drug`'s fast path: a drug code in the first coding)
+            system, code = first.system, first.code
+            if type(system) is type(code) is str:
+                known = self._coded_drugs.get((system, code))
+        if known is not None:
+            drug, code = known
+            matched_by = "code"
+        else:
+            named = {} if concept is UNSET else {"medicationCodeableConcept": msgspec.to_builtins(concept)}
+            drug, code, matched_by, _ = self._drug(named)
+            if drug is None:
+                return
+        period = resource.effectivePeriod
+        if period is UNSET:
+            text = resource.effectiveDateTime
+            start = end = self._time(None if text is UNSET else text)
+        else:
+            start, end = self._time(period.get("start")), self._time(period.get("end"))
+        if start is None:
+            self.facts.skipped["MedicationAdministration"] += 1
+            return
+        dosage = resource.dosage
+        rate, rate_unit, rate_note, bolus = None, "", "", False
+        if dosage is not UNSET:
+            quantity = dosage.rateQuantity
+            value = unit = None
+            if type(quantity) is LeanQuantity:
+                value, unit = quantity.value, quantity.code
+            if (
+                self.fast_path
+                and (type(value) is float or type(value) is int)
+                and type(unit) is str
+                and self._rate_units.get(unit)
+                and quantity.system == UCUM  # type: ignore[union-attr]
+            ):
+                rate, rate_unit = float(value), unit
+            else:
+                rate, rate_unit, rate_note = self._rate(msgspec.to_builtins(dosage), drug, None)
+                bolus = rate is None and not rate_note and end == start and dosage.dose is not UNSET
+        fact = (
+            drug.name, start, end, rate, rate_unit, f"MedicationAdministration/{identifier}", code,
+            matched_by, status, bolus, rate_note,
+        )  # fmt: skip
         self.facts.administrations.append(_new_fact(AdministrationFact, fact))
 
     def _converts(self, unit: str) -> bool:
@@ -789,16 +855,19 @@ def extract(
         "MedicationAdministration": extractor.administration,
         "Condition": extractor.condition,
     }
-    lean_observation = extractor.lean_observation
+    lean_handlers = {
+        "Observation": extractor.lean_observation,
+        "MedicationAdministration": extractor.lean_administration,
+    }
     gc_was_enabled = gc.isenabled()
     gc.disable()  # many small tuples: the cyclic collector only costs time here
     try:
         for resource in resources:
-            if type(resource) is LeanObservation:
+            if type(resource) is LeanResource:
                 try:
-                    lean_observation(resource)
+                    lean_handlers[resource.resourceType](resource)
                 except (AttributeError, TypeError, ValueError, KeyError):
-                    facts.skipped["Observation"] += 1
+                    facts.skipped[resource.resourceType] += 1
                 continue
             if not isinstance(resource, dict):
                 facts.skipped["not a resource"] += 1

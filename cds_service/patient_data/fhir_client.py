@@ -47,7 +47,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri, should_bypass_proxies
 
-from .lean_json import LeanObservation
+from .lean_json import LeanResource
 
 __all__ = ["DEADLINE_SLACK", "ByteBudget", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
 
@@ -191,7 +191,7 @@ def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]
         if isinstance(search, dict) and search.get("mode") == "outcome":
             continue
         resource = entry.get("resource")
-        if isinstance(resource, dict | LeanObservation):  # (a prefetch Bundle's Observations)
+        if isinstance(resource, dict | LeanResource):  # (a prefetch Bundle's Observations)
             resources.append(resource)
     return resources
 

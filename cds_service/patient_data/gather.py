@@ -26,6 +26,7 @@ from ..knowledge.trials import Trial
 from .extract import medication_key
 from .fhir_client import DataUnavailable, FhirClient
 from .hook_request import HookRequest
+from .lean_json import UNSET, LeanResource
 
 PATIENT_TOKEN = "{{context.patientId}}"
 MEDICATION_INCLUDE = "MedicationAdministration:medication"
@@ -285,6 +286,12 @@ def _missing_medications(data: RawPatientData) -> list[str]:
     named: list[str] = []  # "Medication/<id>" in the order administrations name them
     for values in data.resources.values():
         for resource in values:
+            if type(resource) is LeanResource:
+                # An administration the request's decoding left as a Struct (an Observation has
+                # no medicationReference): the dict it stands for, only when it names a Medication.
+                if resource.medicationReference is UNSET:
+                    continue
+                resource = resource.as_dict()
             if not isinstance(resource, dict):
                 continue
             kind = resource.get("resourceType")

@@ -9,15 +9,15 @@ give them, everything else in a resource (narrative, ``meta``, ``subject``, ``ca
 reference ranges, performers …) is parsed as JSON but never built, and so never freed either.
 
 The decoded request is plain dicts and lists, as ``orjson`` gives them, with one exception: the
-Observations of the Observation keys' Bundles (most of a request) are :class:`LeanObservation`
-Structs, which cost less to build, to read and to free. Extraction reads their common case from
-their attributes and any other from ``as_dict()``, the dict they stand for; everything else that
-meets a resource (gathering, the FHIR client's paging of a prefetch Bundle) passes them on. The
-rules that keep it the same screening:
+Observations and MedicationAdministrations of the Bundles that search them (most of a request) are
+:class:`LeanResource` Structs, which cost less to build, to read and to free. Extraction reads their
+common case from their attributes and any other from ``as_dict()``, the dict they stand for;
+gathering (the Medications an administration names) and the FHIR client (paging a prefetch Bundle)
+take them as they are. The rules that keep it the same screening:
 
 - A Struct's ``as_dict()`` is exactly the dict the ``Resource`` shape gives (the same fields, the
   same accepted JSON), and extraction gives the same facts from a Struct as from its dict:
-  ``tests/test_lean_json.py`` checks both on random Observations.
+  ``tests/test_lean_json.py`` checks both on random Observations and administrations.
 - Only what no stage reads is dropped. ``tests/test_lean_json.py`` reads the field names that
   ``gather``, ``extract`` and the FHIR client look up and fails on one this module would drop, and
   screens every scenario patient both ways.
@@ -143,12 +143,13 @@ class Resource(TypedDict, total=False):
     issue: Any
 
 
-# Observations, the bulk of a request, as msgspec Structs: cheaper to build and to free than dicts,
-# and extraction reads their attributes faster than it looks keys up. The same fields as
-# ``Resource`` (a test checks it), each with the same accepted JSON: ``as_dict()`` is exactly the dict
-# ``Resource`` gives. Only Observation keys' Bundles hold them, and only for Observations (anything
-# else there is turned back into a dict as the request is decoded). ``UNSET`` is an absent field.
-# No reference cycles can form in decoded JSON, so the collector need not track them (gc=False).
+# Observations and MedicationAdministrations, the bulk of a request, as msgspec Structs: cheaper to
+# build and to free than dicts, and extraction reads their attributes faster than it looks keys up.
+# The same fields as the shapes above (a test checks it), each accepting the same JSON: ``as_dict()``
+# is exactly the dict ``Resource`` gives. Only the Bundles of the keys that search these two types
+# hold them, and only for these two types (anything else there, such as the Medications that
+# ``_include`` brings, is turned back into a dict as the request is decoded). ``UNSET`` is an absent
+# field. No reference cycles can form in decoded JSON, so the collector need not track them.
 
 
 class LeanCoding(msgspec.Struct, gc=False):
@@ -170,9 +171,15 @@ class LeanQuantity(msgspec.Struct, gc=False):
     comparator: Any = UNSET
 
 
-class LeanObservation(msgspec.Struct, gc=False):
-    """An Observation of an Observation key's Bundle (extraction reads the common case from its
-    attributes, and any other case from :meth:`as_dict`)."""
+class LeanDosage(msgspec.Struct, gc=False):
+    dose: LeanQuantity | UnsetType = UNSET
+    rateQuantity: LeanQuantity | UnsetType = UNSET
+    rateRatio: Ratio | UnsetType = UNSET
+
+
+class LeanResource(msgspec.Struct, gc=False):
+    """An Observation or a MedicationAdministration (``STRUCT_TYPES``) of a Bundle that searches
+    them: extraction reads the common case from its attributes, and any other from :meth:`as_dict`."""
 
     resourceType: Any = UNSET
     id: Any = UNSET
@@ -189,9 +196,9 @@ class LeanObservation(msgspec.Struct, gc=False):
     valueInteger: Any = UNSET
     dataAbsentReason: Any = UNSET
     component: list[Component] | UnsetType = UNSET
-    medicationCodeableConcept: CodeableConcept | UnsetType = UNSET
+    medicationCodeableConcept: LeanCodeableConcept | UnsetType = UNSET
     medicationReference: Reference | UnsetType = UNSET
-    dosage: Dosage | UnsetType = UNSET
+    dosage: LeanDosage | UnsetType = UNSET
     contained: Any = UNSET
     ingredient: list[Ingredient] | UnsetType = UNSET
     clinicalStatus: Any = UNSET
@@ -215,8 +222,12 @@ class Entry(TypedDict, total=False):
     search: EntrySearch
 
 
-class ObservationEntry(TypedDict, total=False):
-    resource: LeanObservation
+#: The resource types read as :class:`LeanResource`; and the searches whose Bundles may hold them.
+STRUCT_TYPES = frozenset({"Observation", "MedicationAdministration"})
+
+
+class StructEntry(TypedDict, total=False):
+    resource: LeanResource
     search: EntrySearch
 
 
@@ -237,15 +248,15 @@ class Bundle(TypedDict, total=False):
     issue: Any
 
 
-class ObservationBundle(TypedDict, total=False):
-    """``Bundle``, for a key that searches Observations."""
+class StructBundle(TypedDict, total=False):
+    """``Bundle``, for a key that searches one of ``STRUCT_TYPES``."""
 
     resourceType: Any
     id: Any
     type: Any
     total: Any
     link: list[Link]
-    entry: list[ObservationEntry]
+    entry: list[StructEntry]
     issue: Any
 
 
@@ -253,10 +264,10 @@ class LeanDecoder:
     """Decodes a patient-view request body for one prefetch plan (its keys: which are Bundles)."""
 
     def __init__(
-        self, bundle_keys: list[str], resource_keys: list[str], observation_keys: Sequence[str] = ()
+        self, bundle_keys: list[str], resource_keys: list[str], struct_keys: Sequence[str] = ()
     ) -> None:
         fields: dict[str, Any] = {
-            key: (ObservationBundle if key in observation_keys else Bundle) | None for key in bundle_keys
+            key: (StructBundle if key in struct_keys else Bundle) | None for key in bundle_keys
         }
         fields.update({key: Any for key in resource_keys})
         prefetch = TypedDict("Prefetch", fields, total=False)  # type: ignore[misc]
@@ -277,7 +288,7 @@ class LeanDecoder:
         #: The request's shape (tests project a full decode onto it).
         self.request_type: Any = request
         self._decoder = msgspec.json.Decoder(request)
-        self._observation_keys = [key for key in bundle_keys if key in observation_keys]
+        self._struct_keys = [key for key in bundle_keys if key in struct_keys]
 
     @classmethod
     def for_plan(cls, plan: PrefetchPlan) -> LeanDecoder:
@@ -287,7 +298,7 @@ class LeanDecoder:
         return cls(
             [q.key for q in plan.queries if q.key not in resource_keys],
             resource_keys,
-            [q.key for q in plan.queries if q.resource_type == "Observation"],
+            [q.key for q in plan.queries if q.resource_type in STRUCT_TYPES],
         )
 
     def decode(self, body: bytes) -> dict[str, Any] | None:
@@ -299,17 +310,20 @@ class LeanDecoder:
             return None
         prefetch = request.get("prefetch")
         if prefetch:
-            for key in self._observation_keys:
+            for key in self._struct_keys:
                 bundle = prefetch.get(key)
                 if bundle:
-                    _only_observations_as_structs(bundle.get("entry") or ())
+                    _only_struct_types_as_structs(bundle.get("entry") or ())
         return request
 
 
-def _only_observations_as_structs(entries: list[dict[str, Any]]) -> None:
-    """Another resource type in an Observation key's Bundle goes on as the dict it always was: only
-    extraction's Observation path reads :class:`LeanObservation`."""
+def _only_struct_types_as_structs(entries: list[dict[str, Any]]) -> None:
+    """Another resource type in these Bundles goes on as the dict it always was: only extraction's
+    Observation and MedicationAdministration paths read :class:`LeanResource`."""
     for entry in entries:
         resource = entry.get("resource")
-        if resource is not None and resource.resourceType != "Observation":
+        if resource is None:
+            continue
+        kind = resource.resourceType
+        if type(kind) is not str or kind not in STRUCT_TYPES:
             entry["resource"] = resource.as_dict()
