@@ -337,7 +337,6 @@ def _minor_faults(pids: list[int]) -> int:
     return sum(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7]) for pid in pids)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_worker_keeps_the_memory_a_hook_frees_for_the_next_hook(tmp_path: Path) -> None:
     """A hook at 1 000 Observations decodes, reads and frees a few MB. A worker that gave that back
     to the kernel after each hook took ~580 page faults (and ~2 ms of kernel time) per hook to get

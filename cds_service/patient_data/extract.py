@@ -343,8 +343,8 @@ class _Extractor:
 
     def lean_observation(self, resource: LeanResource) -> None:
         """:meth:`observation` of an Observation decoded as a :class:`LeanResource`: the common
-        case — a dateTime, codings with a system and a code, a quantity in a unit this code already
-        took without conversion, or a panel, or codes no input uses — read from its attributes;
+        case — a dateTime, codings with a system and a code, a quantity in a unit the code takes as
+        it is (``Knowledge.plain_units``), a panel, codes no input uses — read from its attributes;
         any other case from the dict it stands for, by :meth:`observation` itself.
         ``tests/test_lean_json.py`` compares the facts of both paths on random Observations."""
         text, concept, identifier = resource.effectiveDateTime, resource.code, resource.id

@@ -191,7 +191,7 @@ def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]
         if isinstance(search, dict) and search.get("mode") == "outcome":
             continue
         resource = entry.get("resource")
-        if isinstance(resource, dict | LeanResource):  # (a prefetch Bundle's Observations)
+        if isinstance(resource, dict | LeanResource):  # (a prefetch Bundle's bulk resources)
             resources.append(resource)
     return resources
 
