@@ -330,16 +330,7 @@ class _Extractor:
             if panel is not None:
                 self._panel(panel, get("component"), time, ref)
                 return
-        unknown, names = self.facts.unknown_codes, self._unknown_keys
-        for coding in codings:
-            system, code = coding.get("system"), coding.get("code")
-            try:
-                name = names.get((system, code)) or names.setdefault(
-                    (system, code), f"Observation {system}|{code}"
-                )
-            except TypeError:  # unhashable (malformed) system or code
-                name = f"Observation {system}|{code}"
-            unknown[name] += 1
+        self._count_unknown([(coding.get("system"), coding.get("code")) for coding in codings])
 
     def lean_observation(self, resource: LeanResource) -> None:
         """:meth:`observation` of an Observation decoded as a :class:`LeanResource`: the common
@@ -410,9 +401,12 @@ class _Extractor:
                     panel, None if components is UNSET else components, time, f"Observation/{identifier}"
                 )
                 return
+        self._count_unknown([(coding.system, coding.code) for coding in codings])
+
+    def _count_unknown(self, codes: list[tuple[Any, Any]]) -> None:
+        """Count an Observation's (system, code) pairs, none of which any input or panel uses."""
         unknown, names = self.facts.unknown_codes, self._unknown_keys
-        for coding in codings:
-            system, code = coding.system, coding.code
+        for system, code in codes:
             try:
                 name = names.get((system, code)) or names.setdefault(
                     (system, code), f"Observation {system}|{code}"
