@@ -16,7 +16,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from cds_service.tools.sandbox_client import SANDBOX_BUILD
+from cds_service.tools.sandbox_client import SANDBOX_BUILD, SandboxBuildError, SandboxSigner
 from tests.infrastructure import needs_infrastructure
 
 try:  # the dev extra installs it; missing, chromium() fails in CI and skips elsewhere
@@ -83,3 +83,16 @@ def served_sandbox() -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def sandbox_trusted_client() -> dict[str, dict[str, str]]:
+    """``security.trusted_clients`` for the vendored sandbox offline (docs/security.md): its issuer
+    with its public key pinned, since the jku's host is unreachable here. A missing sandbox build
+    fails in CI and skips elsewhere (tests/infrastructure.py)."""
+    try:
+        issuer = SandboxSigner.from_build(SANDBOX_BUILD).issuer
+    except SandboxBuildError as exc:
+        needs_infrastructure(
+            "the vendored CDS Hooks sandbox build", False, f"{exc}: put ../shared beside the checkout"
+        )
+    return {issuer: {"jwks_file": str(SANDBOX_BUILD / ".well-known" / "jwks.json")}}

@@ -8,11 +8,12 @@ other skip into a failure when ``CI`` is set, and end every run with one line co
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from flask import Flask
@@ -27,6 +28,8 @@ from tests.fhir_server import *  # noqa: F403
 from tests.infrastructure import SHARED_DIR, SKIPS, in_ci, needs_infrastructure
 from tests.pg_server import *  # noqa: F403
 from tests.worksheet_fixtures import *  # noqa: F403
+
+T = TypeVar("T")
 
 __all__ = ["SHARED_DIR", "in_ci", "needs_infrastructure"]  # the skip policy, for every test module
 
@@ -186,3 +189,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and not hasattr(config, "workerinput"):
         reporter.write_line(skip_summary(SKIPS, in_ci()))
+
+
+def at_once(action: Callable[[], T], times: int) -> tuple[list[T], list[BaseException]]:
+    """``action`` run ``times`` times at once, each on its own thread (concurrent hooks): what the
+    calls returned and what they raised, for the test to assert on."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            results.append(action())
+        except BaseException as error:  # reported to the caller
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors

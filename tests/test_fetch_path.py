@@ -24,6 +24,7 @@ from cds_service.patient_data.fhir_client import FhirClient
 from cds_service.patient_data.gather import gather
 from cds_service.patient_data.hook_request import parse_hook_request
 from cds_service.screening import Screener
+from tests.conftest import at_once
 from tests.fault_server import FaultServer
 
 TOKEN = "tok-SECRET-fetch-path"
@@ -167,20 +168,7 @@ def test_concurrent_hooks_keep_their_connections(
     client = FhirClient({**DEFAULTS["fhir"], "allow_http": True, "max_workers": 2}, concurrent_hooks=8)
 
     def hooks() -> list[BaseException]:
-        errors: list[BaseException] = []
-
-        def hook() -> None:
-            try:
-                client.search_many(fault_server.base_url, None, queries, _in(10))
-            except BaseException as error:  # reported by the caller
-                errors.append(error)
-
-        threads = [threading.Thread(target=hook) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return errors
+        return at_once(lambda: client.search_many(fault_server.base_url, None, queries, _in(10)), 8)[1]
 
     try:
         with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from cds_service.base.config import DEFAULTS
 from cds_service.patient_data.fhir_client import DataUnavailable, FhirClient, ServerNotAllowed, _inside
 from cds_service.tools.fhir_server import FhirTestServer
+from tests.conftest import at_once
 from tests.fault_server import Behaviour, FaultServer, refused_url
 
 LOINC = "http://loinc.org"
@@ -276,20 +277,9 @@ def test_concurrent_hooks_share_one_client(
         "map": f"Observation?patient={pid}&code={LOINC}|{MAP}&_count=3",
         "hr": f"Observation?patient={pid}&code={LOINC}|{HEART_RATE}",
     }
-    results: list[dict[str, list[dict[str, Any]]]] = []
-    errors: list[BaseException] = []
-
-    def hook() -> None:
-        try:
-            results.append(client.search_many(fhir_server.base_url, None, queries, deadline_in(20)))
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=hook) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results, errors = at_once(
+        lambda: client.search_many(fhir_server.base_url, None, queries, deadline_in(20)), 8
+    )
     assert errors == []
     assert len(results) == 8
     for result in results:

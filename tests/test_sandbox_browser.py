@@ -39,10 +39,9 @@ from cds_service.app import create_app
 from cds_service.base.config import PROJECT_ROOT
 from cds_service.cards.render import STATUS_ORDER
 from cds_service.tools.fhir_server import FhirTestServer, free_port
-from cds_service.tools.sandbox_client import SANDBOX_BUILD, SandboxBuildError, SandboxSigner
 from cds_service.tools.scenarios import ECMO, IMICRO, MSC, Scenario, all_scenarios
-from tests.browser import chromium, served_sandbox
-from tests.conftest import make_settings, needs_infrastructure
+from tests.browser import chromium, sandbox_trusted_client, served_sandbox
+from tests.conftest import make_settings
 
 try:  # the dev extra installs it; missing, the browser fixture fails in CI and skips elsewhere
     from playwright.sync_api import Browser, Page
@@ -90,20 +89,13 @@ def service(fhir_server: FhirTestServer, tmp_path_factory: pytest.TempPathFactor
     offline as docs/security.md says: its public key pinned (the jku's host is unreachable here), so
     every call the sandbox makes is a verified ES384 JWT. Times in a zone with an offset, as a site
     would set it."""
-    try:
-        issuer = SandboxSigner.from_build(SANDBOX_BUILD).issuer
-    except SandboxBuildError as exc:
-        needs_infrastructure(
-            "the vendored CDS Hooks sandbox build", False, f"{exc}: put ../shared beside the checkout"
-        )
+    trusted_clients = sandbox_trusted_client()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = make_settings(
         tmp_path_factory.mktemp("sandbox-browser"),
         server={"public_url": url},
-        security={
-            "trusted_clients": {issuer: {"jwks_file": str(SANDBOX_BUILD / ".well-known" / "jwks.json")}}
-        },
+        security={"trusted_clients": trusted_clients},
         fhir={"allow_http": True, "allowed_servers": [fhir_server.base_url]},
         screening={"timezone": "Europe/Paris"},
     )

@@ -30,10 +30,8 @@ from werkzeug.serving import make_server
 
 from cds_service.app import create_app
 from cds_service.tools.fhir_server import free_port
-from cds_service.tools.sandbox_client import SANDBOX_BUILD, SandboxBuildError, SandboxSigner
-from tests.browser import served_sandbox
+from tests.browser import sandbox_trusted_client, served_sandbox
 from tests.ehr_launch_context import LaunchContextProxy
-from tests.infrastructure import needs_infrastructure
 from tests.smart_launcher import SmartLauncher
 from tests.worksheet_fixtures import WORKSHEET_PROVIDER, worksheet_test_settings
 
@@ -71,19 +69,14 @@ def service(
 ) -> Iterator[tuple[str, Flask]]:
     """The service over HTTP, trusting both the launcher and the launch-context proxy as issuers, and
     the sandbox's hook calls with its public key pinned (docs/security.md's "sandbox-offline")."""
-    try:
-        sandbox_issuer = SandboxSigner.from_build(SANDBOX_BUILD).issuer
-    except SandboxBuildError as exc:
-        needs_infrastructure(
-            "the vendored CDS Hooks sandbox build", False, f"{exc}: put ../shared beside the checkout"
-        )
+    trusted_clients = sandbox_trusted_client()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = worksheet_test_settings(
         tmp_path_factory.mktemp("worksheet-sandbox"),
         url,
         [f"{smart_launcher.url}/v/r4/", f"{launch_context.origin}/v/r4/"],
-        trusted_clients={sandbox_issuer: {"jwks_file": str(SANDBOX_BUILD / ".well-known" / "jwks.json")}},
+        trusted_clients=trusted_clients,
     )
     app = create_app(settings)
     server = make_server("127.0.0.1", port, app, threaded=True)
