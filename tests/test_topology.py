@@ -281,6 +281,11 @@ def test_an_oversized_authorization_header_gets_the_services_own_answer(
 # -- an instance dies under load ----------------------------------------------------------------------------
 
 
+#: How long after an instance has died nginx may still send a hook to it over a cached keep-alive
+#: connection (its event loop notices the close on its next turn; milliseconds on these machines).
+KEEPALIVE_NOTICE_SECONDS = 0.25
+
+
 def test_killing_one_instance_under_load_fails_only_its_in_flight_hooks(
     tmp_path: Path, pg_admin: str, now: datetime
 ) -> None:
@@ -323,14 +328,19 @@ def test_killing_one_instance_under_load_fails_only_its_in_flight_hooks(
     finally:
         stop.set()
         _stop(topology)
+    # nginx may still pass a hook to the dead instance over a cached keep-alive connection until its
+    # event loop has seen that connection close (a CI run saw hooks sent 6 and 22 ms after the kill
+    # fail so): such a hook was sent to the killed instance, like those in flight, and nginx does not
+    # resend a POST it has sent. Hooks sent after this grace all reach the other instance.
+    sent_to_it_until = killed_at + KEEPALIVE_NOTICE_SECONDS
     failed = [r for r in results if r[1] != 200]
     before = [r for r in results if r[0] < kill_started]
-    after = [r for r in results if r[0] >= killed_at]
+    after = [r for r in results if r[0] >= sent_to_it_until]
     assert len(before) > clients and len(after) > clients, (len(before), len(after))
-    # Only hooks already sent to the killed instance fail (at most one per client), as a JSON 502 from
-    # nginx; every hook sent after the kill is answered by the other instance.
+    # Only hooks sent to the killed instance fail (at most one per client), as a JSON 502 from nginx;
+    # every hook sent after the kill (and the grace) is answered by the other instance.
     assert len(failed) <= clients, failed
     assert all(
-        r[0] < killed_at and r[1] == 502 and r[2].startswith("application/fhir+json") for r in failed
+        r[0] < sent_to_it_until and r[1] == 502 and r[2].startswith("application/fhir+json") for r in failed
     ), [(round(r[0] - kill_started, 3), round(killed_at - kill_started, 3), r[1]) for r in failed]
     assert all(r[1] == 200 for r in after)
