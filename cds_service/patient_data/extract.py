@@ -66,8 +66,8 @@ class _Extractor:
         self._coded_drugs: dict[tuple[str, str], tuple[Any, str]] = dict(knowledge.coded_drugs)
         #: rate unit → whether it converts to a dose rate (the known ones from the start).
         self._rate_units: dict[str, bool] = dict.fromkeys(knowledge.rate_units, True)
-        #: ("system|code", UCUM unit) of values `_simple_quantity` took (a non-coded input, a unit
-        #: accepted and needing no conversion): the same case again needs no `_convert` look-up.
+        #: ("system|code", UCUM unit) of values taken as charted (a non-coded input, a unit accepted
+        #: and needing no conversion): the mapping files' pairs, and those `_simple_quantity` took.
         self._plain_units: set[tuple[str, str]] = set(knowledge.plain_units)
         self._panel_shapes: dict[int, tuple[str, str]] = {}  # id(panel) → component note, panel key
         self._notes: dict[tuple[str, float, float], str] = {}  # panel code, S, D → derived-mean note
@@ -377,16 +377,8 @@ class _Extractor:
                         and not quantity.comparator
                         and quantity.system == UCUM
                     ):
-                        fact = (
-                            item.name,
-                            time,
-                            float(value),
-                            item.canonical_unit,
-                            f"Observation/{identifier}",
-                            key,
-                            "",
-                            "",
-                        )
+                        ref = f"Observation/{identifier}"
+                        fact = (item.name, time, float(value), item.canonical_unit, ref, key, "", "")
                         series = self.facts.observations.get(item.name)
                         if series is None:
                             self.facts.observations[item.name] = [_new_fact(ObservationFact, fact)]
@@ -638,8 +630,8 @@ class _Extractor:
         medication = self._medication(resource) if resource.get("medicationReference") else None
         concept = resource.get("medicationCodeableConcept")
         if self.fast_path and type(concept) is dict:
-            # The common case: the first coding is a drug code seen before in this call. The loop
-            # below would return the same, having tried that coding first.
+            # The common case: the first coding is a drug code of the mapping files (or one seen
+            # before in this call). The loop below would return the same, having tried it first.
             codings = concept.get("coding")
             if type(codings) is list and codings and type(first := codings[0]) is dict:
                 system, code = first.get("system"), first.get("code")
