@@ -399,6 +399,7 @@ def test_a_resource_struct_has_the_fields_of_a_resource() -> None:
         (lean_json.LeanCoding, lean_json.Coding),
         (lean_json.LeanQuantity, lean_json.Quantity),
         (lean_json.LeanDosage, lean_json.Dosage),
+        (lean_json.LeanComponent, lean_json.Component),
     ]
     for struct, shape in pairs:
         assert set(get_type_hints(struct)) == set(get_type_hints(shape)), struct.__name__
@@ -435,9 +436,51 @@ def _observation_strategy(knowledge: Any) -> st.SearchStrategy[dict[str, Any]]:
             "comparator": st.sampled_from(["<", ">=", "", None]),
         },
     )
-    component = st.fixed_dictionaries({"code": concept(codes[:12]), "valueQuantity": quantity})
+    # A panel's components: its parts (systolic, diastolic: the mean is derived from them), the mean
+    # itself, another input's code and an unknown one; mostly a UCUM pressure as monitors chart it,
+    # sometimes censored, in another unit, odd, or with no code, no quantity, another value type.
+    parts = [
+        token
+        for panel in knowledge.panels.values()
+        for name in (panel.systolic, panel.diastolic, panel.mean_into)
+        for token, item in knowledge.observation_codes.items()
+        if item.name == name
+    ][:6]
+    pressure = st.fixed_dictionaries(
+        {
+            "value": st.integers(20, 250) | st.floats(20, 250) | st.sampled_from(["7", None]),
+            "system": st.sampled_from(["http://unitsofmeasure.org"] * 4 + ["urn:x"]),
+            "code": st.sampled_from(["mm[Hg]"] * 4 + ["kPa", "", "mg"]),
+        },
+        optional={"unit": st.just("mmHg"), "comparator": st.sampled_from(["<", ">=", "", None])},
+    )
+    component = st.fixed_dictionaries(
+        {},
+        optional={
+            "code": concept([*parts, codes[0], "http://loinc.org|0000-0"]),
+            "valueQuantity": pressure | quantity,
+            "valueInteger": st.integers(0, 20),
+            "dataAbsentReason": st.just({"text": "not measured"}),
+        },
+    )
     times = ["2026-11-29T10:00:00Z", "2026-11-29T11:00:00+01:00", "2026-11-29", "2026-11-29T10:00:00", ""]
-    return st.fixed_dictionaries(
+    panel_reading = st.fixed_dictionaries(
+        {
+            "resourceType": st.just("Observation"),
+            "id": st.sampled_from(["o1", "o2"]),
+            "status": st.just("final"),
+            "code": st.fixed_dictionaries(
+                {
+                    "coding": st.lists(
+                        st.sampled_from(sorted(knowledge.panels)).flatmap(coding), min_size=1, max_size=1
+                    )
+                }
+            ),
+            "effectiveDateTime": st.sampled_from(times[:2]),
+            "component": st.lists(component, min_size=1, max_size=3),
+        }
+    )
+    return panel_reading | st.fixed_dictionaries(
         {"resourceType": st.just("Observation")},
         optional={
             "id": st.sampled_from(["o1", "o2"]) | st.none() | st.just(7),
@@ -604,6 +647,24 @@ def test_the_struct_path_reads_an_ordinary_chart_without_its_dicts(
     built = 0
     facts = extract("p", None, records, screener.knowledge)
     assert facts.administrations and built < len(records) / 4, (built, len(records))
+    # Its blood-pressure panels: each component read from its attributes.
+    components = 0
+    component_as_dict = lean_json.LeanComponent.as_dict
+
+    def counting_components(self: lean_json.LeanComponent) -> dict[str, Any]:
+        nonlocal components
+        components += 1
+        return component_as_dict(self)
+
+    monkeypatch.setattr(lean_json.LeanComponent, "as_dict", counting_components)
+    observations = [entry["resource"] for entry in lean["prefetch"]["observations"]["entry"]]
+    panels = [r for r in observations if r.component]
+    built = 0
+    facts = extract("p", None, observations, screener.knowledge)
+    for part in ("systolic_blood_pressure", "diastolic_blood_pressure"):
+        from_components = [f for f in facts.observations[part] if f.note.startswith("component of")]
+        assert panels and len(from_components) == len(panels), (part, len(from_components), len(panels))
+    assert built == 0 and components == 0, (built, components)
 
 
 @pytest.mark.parametrize("kind", [[], {}, 7, None, "Medication", "OperationOutcome"])

@@ -30,7 +30,7 @@ from ..base.facts import (
     parse_time,
 )
 from ..knowledge.mappings import UCUM, Conversion, Knowledge
-from .lean_json import UNSET, LeanCodeableConcept, LeanQuantity, LeanResource
+from .lean_json import UNSET, LeanCodeableConcept, LeanComponent, LeanQuantity, LeanResource
 
 _IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 _IGNORED_ADMINISTRATION_STATUS = frozenset({"entered-in-error", "not-done", "cancelled"})
@@ -416,21 +416,13 @@ class _Extractor:
             shape = self._panel_shapes[id(panel)] = (f"component of {panel.code}", panel.key)
         component_note, panel_key = shape
         for component in components or ():
-            for coding in (component.get("code") or {}).get("coding") or ():
-                system, code = coding.get("system"), coding.get("code")
-                try:
-                    key, item, _ = self._codes[system, code]
-                except (KeyError, TypeError):
-                    key, item, _ = self._classify(system, code)
-                if item is not None:
-                    fact = (
-                        self._simple_quantity(item, component, time, ref, key, component_note)
-                        if self.fast_path
-                        else None
-                    ) or self._quantity_fact(item.name, component, time, ref, key, component_note)
-                    if fact is not None:
-                        found[item.name] = fact
-                    break
+            named = (
+                self._lean_component(component, time, ref, component_note)
+                if type(component) is LeanComponent
+                else self._component(component, time, ref, component_note)
+            )
+            if named is not None:
+                found[named[0]] = named[1]
         if (
             panel.mean_into
             and panel.mean_into not in found
@@ -451,6 +443,57 @@ class _Extractor:
             )
         for fact in found.values():
             self._add(fact)
+
+    def _component(
+        self, component: dict[str, Any], time: float, ref: str, note: str
+    ) -> tuple[str, ObservationFact] | None:
+        """The input and fact of a panel's component: its first coding that an input uses decides."""
+        for coding in (component.get("code") or {}).get("coding") or ():
+            system, code = coding.get("system"), coding.get("code")
+            try:
+                key, item, _ = self._codes[system, code]
+            except (KeyError, TypeError):
+                key, item, _ = self._classify(system, code)
+            if item is not None:
+                fact = (
+                    self._simple_quantity(item, component, time, ref, key, note) if self.fast_path else None
+                ) or self._quantity_fact(item.name, component, time, ref, key, note)
+                return None if fact is None else (item.name, fact)
+        return None
+
+    def _lean_component(
+        self, component: LeanComponent, time: float, ref: str, note: str
+    ) -> tuple[str, ObservationFact] | None:
+        """:meth:`_component` of a :class:`LeanComponent`: a UCUM quantity in a plain unit read from
+        its attributes, any other case from its dict (``tests/test_lean_json.py`` compares them)."""
+        concept = component.code
+        if type(concept) is not LeanCodeableConcept or type(concept.coding) is not list:
+            return self._component(component.as_dict(), time, ref, note)
+        for coding in concept.coding:
+            system, code = coding.system, coding.code
+            if system is UNSET or code is UNSET:  # the dict path reads an absent one as None
+                break
+            try:
+                key, item, _ = self._codes[system, code]
+            except (KeyError, TypeError):
+                key, item, _ = self._classify(system, code)
+            if item is not None:
+                quantity = component.valueQuantity
+                if type(quantity) is LeanQuantity and self.fast_path:
+                    value, unit = quantity.value, quantity.code
+                    if (
+                        (type(value) is float or type(value) is int)
+                        and type(unit) is str
+                        and (key, unit) in self._plain_units
+                        and not quantity.comparator
+                        and quantity.system == UCUM
+                    ):
+                        fact = (item.name, time, float(value), item.canonical_unit, ref, key, note, "")
+                        return item.name, _new_fact(ObservationFact, fact)
+                break
+        else:
+            return None
+        return self._component(component.as_dict(), time, ref, note)
 
     def _add(self, fact: ObservationFact) -> None:
         series = self.facts.observations.get(fact.input)

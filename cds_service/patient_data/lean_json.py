@@ -177,6 +177,22 @@ class LeanDosage(msgspec.Struct, gc=False):
     rateRatio: Ratio | UnsetType = UNSET
 
 
+class LeanComponent(msgspec.Struct, gc=False):
+    """A component of an Observation (a blood-pressure panel's systolic and diastolic readings)."""
+
+    code: LeanCodeableConcept | UnsetType = UNSET
+    valueQuantity: LeanQuantity | UnsetType = UNSET
+    valueCodeableConcept: CodeableConcept | UnsetType = UNSET
+    valueString: Any = UNSET
+    valueBoolean: Any = UNSET
+    valueInteger: Any = UNSET
+    dataAbsentReason: Any = UNSET
+
+    def as_dict(self) -> dict[str, Any]:
+        """The component as ``Component`` decodes it (absent fields absent)."""
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
 class LeanResource(msgspec.Struct, gc=False):
     """An Observation or a MedicationAdministration (``STRUCT_TYPES``) of a Bundle that searches
     them: extraction reads the common case from its attributes, and any other from :meth:`as_dict`."""
@@ -195,7 +211,7 @@ class LeanResource(msgspec.Struct, gc=False):
     valueBoolean: Any = UNSET
     valueInteger: Any = UNSET
     dataAbsentReason: Any = UNSET
-    component: list[Component] | UnsetType = UNSET
+    component: list[LeanComponent] | UnsetType = UNSET
     medicationCodeableConcept: LeanCodeableConcept | UnsetType = UNSET
     medicationReference: Reference | UnsetType = UNSET
     dosage: LeanDosage | UnsetType = UNSET
