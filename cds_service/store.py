@@ -314,10 +314,17 @@ SELECT card_uuid, outcome, outcome_timestamp, received_at, reason_code, reason_d
 FROM card_feedback WHERE card_uuid = ? ORDER BY outcome_timestamp, id
 """
 
+# The silence look-ups start from the feedback given since the cut-off, newest first, and stop at the
+# first one on this patient's card for this trial: their cost is bounded by the feedback of the
+# silence window (rare: an override, a referral), not by how often this chart was opened within the
+# retention period, as it was when they started from the patient's cards (every chart-open issues
+# one per trial shown). `CROSS JOIN` keeps that order in SQLite, whose planner has no statistics and
+# would start from the patient; PostgreSQL reads it as an inner join and plans it from its own.
 _LAST_OVERRIDE = """
 SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment
-FROM issued_card c JOIN card_feedback f ON f.card_uuid = c.card_uuid
-WHERE c.patient_id = ? AND c.trial_id = ? AND f.outcome = 'overridden' AND f.outcome_timestamp >= ?
+FROM card_feedback f CROSS JOIN issued_card c
+WHERE f.outcome_timestamp >= ? AND f.outcome = 'overridden'
+  AND c.card_uuid = f.card_uuid AND c.patient_id = ? AND c.trial_id = ?
 ORDER BY f.outcome_timestamp DESC, f.id DESC
 LIMIT 1
 """
@@ -325,9 +332,10 @@ LIMIT 1
 _LAST_OVERRIDE_OR_REFERRAL = """
 SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment,
        f.outcome
-FROM issued_card c JOIN card_feedback f ON f.card_uuid = c.card_uuid
-WHERE c.patient_id = ? AND c.trial_id = ? AND f.outcome_timestamp >= ?
+FROM card_feedback f CROSS JOIN issued_card c
+WHERE f.outcome_timestamp >= ?
   AND (f.outcome = 'overridden' OR (f.outcome = 'accepted' AND f.reason_code = ?))
+  AND c.card_uuid = f.card_uuid AND c.patient_id = ? AND c.trial_id = ?
 ORDER BY f.outcome_timestamp DESC, f.id DESC
 LIMIT 1
 """
@@ -511,6 +519,12 @@ def _v4_rules_versions(d: Dialect) -> list[str]:
     ]
 
 
+def _v5_feedback_by_outcome_time(d: Dialect) -> list[str]:
+    """Issue 17: the silence look-ups read the feedback given since a cut-off, newest first (its
+    order, ties by id: in SQLite the id is the rowid every index ends with)."""
+    return ["CREATE INDEX card_feedback_outcome_timestamp ON card_feedback (outcome_timestamp, id)"]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "issued cards, card feedback and the jti replay cache (release 0.1.0)", _v1_initial),
     Migration(2, "index feedback by time received, for retention purges", _v2_retention),
@@ -518,6 +532,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4, "the trial-file and mappings versions each screening decision was made with", _v4_rules_versions
     ),
+    Migration(5, "index feedback by outcome time, for the silence look-ups", _v5_feedback_by_outcome_time),
 )
 #: The schema version this code writes and expects.
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -834,13 +849,13 @@ class Store(ABC):
 
     def last_override(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
         """The most recent override (outcome time >= ``since``) of any card for this patient and trial."""
-        rows = self._read(_LAST_OVERRIDE, (patient_id, trial_id, float(since)))
+        rows = self._read(_LAST_OVERRIDE, (float(since), patient_id, trial_id))
         return _override_info(*rows[0]) if rows else None
 
     def last_override_or_referral(self, patient_id: str, trial_id: str, since: float) -> OverrideInfo | None:
         """The latest override, or acceptance recorded as a referral (reason code :data:`REFERRAL_REASON`),
         with outcome time >= ``since``, of any card for this patient and trial."""
-        rows = self._read(_LAST_OVERRIDE_OR_REFERRAL, (patient_id, trial_id, float(since), REFERRAL_REASON))
+        rows = self._read(_LAST_OVERRIDE_OR_REFERRAL, (float(since), REFERRAL_REASON, patient_id, trial_id))
         return _override_info(*rows[0]) if rows else None
 
     # -- JWT replay cache -----------------------------------------------------------------------

@@ -259,6 +259,59 @@ def test_last_override_returns_the_most_recent(store: Store) -> None:
     assert (found.card_uuid, found.status, found.reason) == ("second", "eligible", "Other")
 
 
+def test_the_silence_look_ups_cost_the_same_however_often_the_chart_was_opened(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every hook looks up the last override or referral for each trial shown, and every chart-open
+    records a card per trial shown, kept for the retention period: after 2 000 opens of one chart the
+    look-ups must do the same work as after 2 (counted in SQLite's virtual-machine steps). They read
+    the feedback of the silence window, not the patient's cards."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # go on
+
+    connect = SqliteStore._connect
+
+    def counting(self: SqliteStore) -> sqlite3.Connection:
+        conn = connect(self)
+        conn.set_progress_handler(tick, 10)
+        return conn
+
+    monkeypatch.setattr(SqliteStore, "_connect", counting)
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    try:
+        # Feedback within the window (another patient's override, this patient's acceptance without
+        # a referral) and an override of this patient's card before it.
+        store.record_cards(
+            [card("other", patient="p2"), card("accepted"), card("old", issued_at=NOW - 30 * HOUR)]
+        )
+        store.record_feedback(feedback("other", at=NOW - HOUR))
+        store.record_feedback(feedback("accepted", outcome="accepted", at=NOW - HOUR))
+        store.record_feedback(feedback("old", at=NOW - 26 * HOUR))
+        since = NOW - 24 * HOUR
+
+        def look_ups() -> int:
+            nonlocal steps
+            steps = 0
+            assert store.last_override("p1", T1, since) is None
+            assert store.last_override_or_referral("p1", T1, since) is None
+            return steps
+
+        few = look_ups()
+        store.record_cards([card(issued_at=NOW - i) for i in range(2000)])
+        many = look_ups()
+        assert many <= few + 2, (few, many)
+        # What they find does not change.
+        store.record_feedback(feedback("old", at=NOW - 2 * HOUR))
+        found = store.last_override_or_referral("p1", T1, since)
+        assert found is not None and found.card_uuid == "old"
+    finally:
+        store.close()
+
+
 # --------------------------------------------------------------------------------------------- jti
 
 
