@@ -8,6 +8,7 @@ are not recruiting, and the ``extension.screening`` contract. Then the pieces on
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import zoneinfo
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cds_service.base.config import PROJECT_ROOT, ConfigError, load_settings
 from cds_service.base.datafiles import DataFileError
@@ -278,9 +281,97 @@ def test_the_allow_list() -> None:
     )
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "Observation/",
+                "Condition/c-9",
+                "a.2",
+                "ug/",
+                "mcg",
+                "/",
+                "(",
+                ")",
+                ", ",
+                " ",
+                "kg",
+                "T",
+                "2026-11-21",
+                "T04:00",
+                ":00",
+                "Z",
+                "+01:00",
+                "2026-11-21T04:00+01:00",
+                "2026-11-21T04:00Z",
+                "-",
+                "μ",
+                "✅",
+                "中",
+                "\n",
+            ]
+        ),
+        max_size=14,
+    ).map("".join)
+)
+def test_clean_skips_only_the_patterns_that_cannot_match(text: str) -> None:
+    """``clean`` skips a pattern when the text lacks a character it needs ('/', 'T'): the same text
+    as applying every pattern (what it did before)."""
+    from cds_service.cards import text as card_text
+
+    clock = LocalClock("UTC", datetime(2026, 11, 21, 12, tzinfo=UTC).timestamp())
+    every = card_text._RESOURCE_LIST.sub("", text)
+    every = card_text._MICROGRAM.sub("µg", every)
+    every = RESOURCE_ID.sub(lambda match: match.group(0).split("/", 1)[0], every)
+    without_clock = card_text._OUTSIDE.sub(card_text._replacement, every)
+    every = ISO_INSTANT.sub(lambda match: clock.at_text(match.group(0)), every)
+    assert clean(text, clock) == card_text._OUTSIDE.sub(card_text._replacement, every)
+    assert clean(text) == without_clock
+
+
 def _data_dir(tmp_path: Path) -> Path:
     shutil.copytree(PROJECT_ROOT / "cards", tmp_path / "cards")
     return tmp_path
+
+
+def test_texts_fixed_for_a_trial_are_rendered_once_and_the_others_for_every_card(tmp_path: Path) -> None:
+    """The shipped labels, note and registry phrase read only what is fixed for a trial: rendered once
+    per trial, the same on every card. A site's text that reads the card's status or the hook's
+    clock is rendered for each card."""
+    screening = load_settings(environ={}).section("screening")
+    shipped = CardRenderer(PROJECT_ROOT, screening)
+    fixed = {"note", "registry_phrase", "source_label", "registry_link_label", "referral_label"}
+    assert all(t.fixed_for_a_trial == fixed for t in shipped._compiled.values())
+    trial = synthetic_trial("NCT09999993", "SITE", ("vis",))
+    eligible = synthetic_result(trial, ELIGIBLE, {"vis": "VIS 130"})
+    possibly = synthetic_result(trial, POSSIBLY, {"vis": "VIS 130"}, unknown=("cardiac_index",))
+    first, second = shipped.render(eligible), shipped.render(possibly)
+    assert (
+        first["source"]["label"] == second["source"]["label"] == "Septic-shock trial screening (NCT09999993)"
+    )
+
+    data_dir = _data_dir(tmp_path)
+    (data_dir / "cards" / "NCT09999993.yaml").write_text(
+        "source_label: '{{ trial.short_name }}: {{ status }}'\n"
+        "registry_link_label: '{{ trial.id }} ({{ trial.registry_status }})'\n"
+        "note: 'Screened {{ evaluated_at | at }}.'\n",
+        encoding="utf-8",
+    )
+    site = CardRenderer(data_dir, screening)
+    assert site.templates_for(trial.id).fixed_for_a_trial == fixed - {"source_label", "note"}
+    labels = [site.render(result)["source"]["label"] for result in (eligible, possibly, eligible)]
+    assert labels == ["SITE: eligible", "SITE: possibly_eligible", "SITE: eligible"]
+    later = synthetic_result(trial, ELIGIBLE, {"vis": "VIS 130"})
+    later = dataclasses.replace(later, at=later.at + 30 * HOUR)
+    details = [site.render(result)["detail"] for result in (eligible, later)]
+    notes = [line for detail in details for line in detail.splitlines() if line.startswith("Screened ")]
+    assert len(notes) == 2 and notes[0] != notes[1], notes
+    # Another trial object with the same id (a reloaded trial file) is rendered again.
+    closed = dataclasses.replace(trial, registry_status="completed")
+    assert site.render(synthetic_result(closed, ELIGIBLE, {"vis": "VIS 130"}))["links"][0]["label"] == (
+        "NCT09999993 (completed)"
+    )
 
 
 def test_card_wording_outside_the_allow_list_stops_the_start_up(tmp_path: Path) -> None:

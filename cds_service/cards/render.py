@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, StrictUndefined, Template, TemplateError, pass_context
+from jinja2 import Environment, StrictUndefined, Template, TemplateError, meta, nodes, pass_context
 
 from ..base.datafiles import DataFileError, DataFileProblem, load_and_validate
 from ..base.facts import format_time
@@ -91,6 +91,12 @@ REQUIRED_IN_DEFAULT = (
     "referral_label",
 )
 _TEXT_KEYS = ("detail", "note", "registry_phrase", "source_label", "registry_link_label", "referral_label")
+#: The context entries fixed for a trial in one renderer (see :meth:`CardRenderer.context`), and the
+#: filters that read the hook's clock. A short text that reads only the former, with none of the
+#: latter (the shipped labels, note and registry phrase), is rendered once per trial: it is the
+#: same on every card of that trial, and rendering costs a Jinja context each time.
+_FIXED_FOR_A_TRIAL = frozenset({"trial", "recruiting", "enrollment_closed", "research_team", "worksheet"})
+_CLOCK_FILTERS = frozenset({"at", "relative"})
 
 #: How many items the detail names at first; :func:`fit_steps` lowers them step by step
 #: (cumulatively) until the detail fits in :data:`DETAIL_LIMIT` characters.
@@ -226,6 +232,8 @@ class CardTemplates:
     referral_label: Template
     override_reasons: tuple[tuple[str, str], ...]
     criteria: dict[str, dict[str, str]]
+    #: The short texts (keys of :data:`_TEXT_KEYS`) fixed for a trial: rendered once per trial.
+    fixed_for_a_trial: frozenset[str] = frozenset()
 
 
 def fit_summary(render: Callable[[list[str]], str], decisive: list[str]) -> str:
@@ -261,6 +269,10 @@ def fit_detail(render: Callable[[dict[str, Any]], str], checklist: int = 0) -> s
     cut = detail[: DETAIL_LIMIT - 2]
     cut = cut.rsplit("\n\n", 1)[0] if "\n\n" in cut else cut.rsplit(" ", 1)[0]
     return cut.rstrip() + "\n\n…"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _markdown_text(text: str) -> str:
@@ -318,6 +330,7 @@ class CardRenderer:
         self._check_criteria(folder, list(trials))
         self._compiled: dict[str, CardTemplates] = {}
         self._compile_all(folder)
+        self._trial_texts: dict[tuple[str, str], tuple[Trial, CardTemplates, str]] = {}
 
     # -- start-up checks ----------------------------------------------------------------------------
     def _check_characters(self, folder: Path) -> None:
@@ -376,6 +389,11 @@ class CardRenderer:
                     summary={k: self.env.from_string(v) for k, v in merged["summary"].items()},
                     override_reasons=tuple((r["code"], r["display"]) for r in merged["override_reasons"]),
                     criteria=criteria,
+                    fixed_for_a_trial=frozenset(
+                        key
+                        for key in _TEXT_KEYS
+                        if key != "detail" and self._fixed_for_a_trial(merged.get(key, ""))
+                    ),
                     **texts,
                 )
             except TemplateError as exc:
@@ -383,6 +401,12 @@ class CardRenderer:
                 raise DataFileError(
                     [DataFileProblem(str(path), None, "template", f"line {line} of a template: {exc}")]
                 ) from exc
+
+    def _fixed_for_a_trial(self, source: str) -> bool:
+        """The template reads only context entries fixed for a trial, through no clock filter."""
+        tree = self.env.parse(source)
+        filters = {node.name for node in tree.find_all(nodes.Filter)}
+        return meta.find_undeclared_variables(tree) <= _FIXED_FOR_A_TRIAL and not filters & _CLOCK_FILTERS
 
     def templates_for(self, trial_id: str) -> CardTemplates:
         return self._compiled.get(trial_id, self._compiled[""])
@@ -512,8 +536,8 @@ class CardRenderer:
     def texts(self, templates: CardTemplates, context: dict[str, Any]) -> dict[str, str]:
         """Every text of the card rendered from ``templates`` (raises jinja2's TemplateError)."""
         context = {**context}
-        context["note"] = templates.note.render(context).strip()
-        context["registry_phrase"] = " ".join(templates.registry_phrase.render(context).split())
+        context["note"] = self._text(templates, "note", context, str.strip)
+        context["registry_phrase"] = self._text(templates, "registry_phrase", context, _one_line)
         clock = context["clock"]
         summary_template = templates.summary[context["status"]]
 
@@ -526,10 +550,29 @@ class CardRenderer:
         return {
             "summary": fit_summary(summary, context["decisive"]),
             "detail": fit_detail(detail, len(context["checklist"])),
-            "source_label": clean(templates.source_label.render(context).strip()),
-            "registry_link_label": clean(templates.registry_link_label.render(context).strip()),
-            "referral_label": clean(" ".join(templates.referral_label.render(context).split())),
+            "source_label": self._text(templates, "source_label", context, lambda t: clean(t.strip())),
+            "registry_link_label": self._text(
+                templates, "registry_link_label", context, lambda t: clean(t.strip())
+            ),
+            "referral_label": self._text(templates, "referral_label", context, lambda t: clean(_one_line(t))),
         }
+
+    def _text(
+        self, templates: CardTemplates, key: str, context: dict[str, Any], finish: Callable[[str], str]
+    ) -> str:
+        """``finish`` of the text ``key`` rendered, once per trial when it is fixed for a trial."""
+        template: Template = getattr(templates, key)
+        if key not in templates.fixed_for_a_trial:
+            return finish(template.render(context))
+        trial = context["trial"]
+        cached = self._trial_texts.get((trial.id, key))
+        # Held with the trial and the templates it was rendered from: a reloaded trial file, or the
+        # default wording taking over from a failing site template, renders it again.
+        if cached is not None and cached[0] is trial and cached[1] is templates:
+            return cached[2]
+        text = finish(template.render(context))
+        self._trial_texts[trial.id, key] = (trial, templates, text)
+        return text
 
     def render(
         self,

@@ -97,10 +97,13 @@ _MICROGRAM = re.compile(r"\b(?:ug|mcg)(?=/)")
 
 def clean(text: str, clock: LocalClock | None = None) -> str:
     """``text`` made fit for a card: resource ids out, ISO instants in local time, allowed characters."""
-    text = _RESOURCE_LIST.sub("", text)
-    text = _MICROGRAM.sub("µg", text)
-    text = RESOURCE_ID.sub(lambda match: match.group(0).split("/", 1)[0], text)
-    if clock is not None:
+    # Each pattern needs a character most card texts lack: skip the ones that cannot match (this
+    # runs for every text of every card).
+    if "/" in text:
+        text = _RESOURCE_LIST.sub("", text)
+        text = _MICROGRAM.sub("µg", text)
+        text = RESOURCE_ID.sub(lambda match: match.group(0).split("/", 1)[0], text)
+    if clock is not None and "T" in text:
         text = ISO_INSTANT.sub(lambda match: clock.at_text(match.group(0)), text)
     return _OUTSIDE.sub(_replacement, text)
 
