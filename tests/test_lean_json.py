@@ -218,6 +218,10 @@ def _check_against_orjson(decoder: LeanDecoder, raw: bytes) -> Any:
 def _check_structs_are_bulk_resources(value: Any, key: str = "") -> None:
     """Structs stand only for Observations and administrations (in the Bundles that search them);
     everything else is plain JSON."""
+    if type(value) is lean_json.LeanEntry:  # (the entries of those Bundles)
+        assert type(value.search) in (lean_json.LeanSearch, msgspec.UnsetType), key
+        _check_structs_are_bulk_resources(value.resource, f"{key}.resource")
+        return
     if isinstance(value, msgspec.Struct):
         assert type(value) is lean_json.LeanResource, key
         assert value.resourceType in ("Observation", "MedicationAdministration"), key
@@ -257,7 +261,7 @@ def test_what_no_stage_reads_is_not_built(decoder: LeanDecoder, screener: Screen
     body = orjson.dumps(hook_request(scenario, screener.plan.templates()))
     lean = decoder.decode(body)
     assert lean is not None
-    observation = lean["prefetch"]["observations"]["entry"][0]["resource"].as_dict()
+    observation = lean["prefetch"]["observations"]["entry"][0].resource.as_dict()
     full = orjson.loads(body)["prefetch"]["observations"]["entry"][0]["resource"]
     assert "subject" in full and "subject" not in observation
     assert observation["valueQuantity"] == full["valueQuantity"]
@@ -400,6 +404,8 @@ def test_a_resource_struct_has_the_fields_of_a_resource() -> None:
         (lean_json.LeanQuantity, lean_json.Quantity),
         (lean_json.LeanDosage, lean_json.Dosage),
         (lean_json.LeanComponent, lean_json.Component),
+        (lean_json.LeanEntry, lean_json.Entry),
+        (lean_json.LeanSearch, lean_json.EntrySearch),
     ]
     for struct, shape in pairs:
         assert set(get_type_hints(struct)) == set(get_type_hints(shape)), struct.__name__
@@ -569,7 +575,7 @@ def _facts_both_ways(
     raw = orjson.dumps({"prefetch": {key: {"resourceType": "Bundle", "entry": entries}}})
     lean = decoder.decode(raw)
     assert lean is not None
-    structs = [entry["resource"] for entry in lean["prefetch"][key]["entry"]]
+    structs = [entry.resource for entry in lean["prefetch"][key]["entry"]]
     assert all(
         type(r) is lean_json.LeanResource
         for r, resource in zip(structs, resources, strict=True)
@@ -629,7 +635,7 @@ def test_the_struct_path_reads_an_ordinary_chart_without_its_dicts(
         lean = decoder.decode(orjson.dumps(hook_request(scenario, screener.plan.templates())))
         assert lean is not None
         observations = (lean["prefetch"].get("observations") or {}).get("entry", [])
-        resources = [entry["resource"] for entry in observations]
+        resources = [entry.resource for entry in observations]
         before = built
         facts = extract("p", None, resources, screener.knowledge)
         # (a value converted from another unit, or censored, carries a note)
@@ -643,7 +649,7 @@ def test_the_struct_path_reads_an_ordinary_chart_without_its_dicts(
     patient = bench.make_patient(200, screener.plan.queries, "t", administrations=300)
     lean = decoder.decode(patient.body)
     assert lean is not None
-    records = [entry["resource"] for entry in lean["prefetch"]["medicationAdministrations"]["entry"]]
+    records = [entry.resource for entry in lean["prefetch"]["medicationAdministrations"]["entry"]]
     built = 0
     facts = extract("p", None, records, screener.knowledge)
     assert facts.administrations and built < len(records) / 4, (built, len(records))
@@ -657,7 +663,7 @@ def test_the_struct_path_reads_an_ordinary_chart_without_its_dicts(
         return component_as_dict(self)
 
     monkeypatch.setattr(lean_json.LeanComponent, "as_dict", counting_components)
-    observations = [entry["resource"] for entry in lean["prefetch"]["observations"]["entry"]]
+    observations = [entry.resource for entry in lean["prefetch"]["observations"]["entry"]]
     panels = [r for r in observations if r.component]
     built = 0
     facts = extract("p", None, observations, screener.knowledge)
@@ -680,8 +686,51 @@ def test_any_other_resource_type_in_a_struct_bundle_stays_a_dict(
         "prefetch": {key: {"resourceType": "Bundle", "entry": [{"resource": resource}]}},
     }
     lean = _check_against_orjson(decoder, orjson.dumps(body))
-    assert lean["prefetch"][key]["entry"][0]["resource"] == {
+    assert lean["prefetch"][key]["entry"][0].resource == {
         "resourceType": kind,
         "id": "x",
         "status": "final",
     }
+
+
+@pytest.mark.parametrize("key", ["observations", "medicationAdministrations"])
+def test_struct_entries_are_read_as_dict_entries_are(decoder: LeanDecoder, key: str) -> None:
+    """The entries of those Bundles are Structs in the lean decode and dicts in the full one (a body
+    the lean decode does not take): gathering and the FHIR client's paging read both alike. An
+    outcome entry (a server's warning) is dropped; an entry without a resource is passed on as None
+    by gathering (extraction counts it as skipped) and left out by the client."""
+    from cds_service.patient_data import fhir_client
+    from cds_service.patient_data import gather as gathering
+
+    kind = "Observation" if key == "observations" else "MedicationAdministration"
+    entries = [
+        {"resource": {"resourceType": kind, "id": "a", "status": "final"}, "search": {"mode": "match"}},
+        {"resource": {"resourceType": "OperationOutcome", "id": "w"}, "search": {"mode": "outcome"}},
+        {"search": {"mode": "match"}},
+        {"resource": {"resourceType": "Medication", "id": "m"}, "search": {"mode": "include"}},
+        {"resource": {"resourceType": kind, "id": "b"}, "search": {}},
+    ]
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+    raw = orjson.dumps({"hook": "patient-view", "prefetch": {key: bundle}})
+    lean = decoder.decode(raw)
+    assert lean is not None and all(type(e) is lean_json.LeanEntry for e in lean["prefetch"][key]["entry"])
+    full = orjson.loads(raw)
+
+    def named(resources: list[Any]) -> list[Any]:
+        return [
+            None
+            if r is None
+            else (r.resourceType, r.id)
+            if type(r) is lean_json.LeanResource
+            else (r["resourceType"], r["id"])
+            for r in resources
+        ]
+
+    for decoded in (lean, full):
+        prefetch_bundle = decoded["prefetch"][key]
+        assert named(gathering._bundle_resources(prefetch_bundle, key)) == [
+            (kind, "a"), None, ("Medication", "m"), (kind, "b")
+        ]  # fmt: skip
+        assert named(fhir_client._bundle_resources(prefetch_bundle, "prefetch Bundle")) == [
+            (kind, "a"), ("Medication", "m"), (kind, "b")
+        ]  # fmt: skip

@@ -47,7 +47,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri, should_bypass_proxies
 
-from .lean_json import LeanResource
+from .lean_json import UNSET, LeanEntry, LeanResource
 
 __all__ = ["DEADLINE_SLACK", "ByteBudget", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
 
@@ -185,12 +185,17 @@ def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]
         raise DataUnavailable(f"{label}: malformed Bundle (entry is not a list)")
     resources: list[dict[str, Any]] = []
     for entry in entries:
-        if not isinstance(entry, dict):
+        if type(entry) is LeanEntry:  # (a prefetch Bundle's first page, as the lean decode gives it)
+            search, resource = entry.search, entry.resource
+            if search is not UNSET and search.mode == "outcome":
+                continue
+        elif isinstance(entry, dict):
+            search = entry.get("search")
+            if isinstance(search, dict) and search.get("mode") == "outcome":
+                continue
+            resource = entry.get("resource")
+        else:
             continue
-        search = entry.get("search")
-        if isinstance(search, dict) and search.get("mode") == "outcome":
-            continue
-        resource = entry.get("resource")
         if isinstance(resource, dict | LeanResource):  # (a prefetch Bundle's bulk resources)
             resources.append(resource)
     return resources

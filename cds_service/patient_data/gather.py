@@ -26,7 +26,7 @@ from ..knowledge.trials import Trial
 from .extract import medication_key
 from .fhir_client import DataUnavailable, FhirClient
 from .hook_request import HookRequest
-from .lean_json import UNSET, LeanResource
+from .lean_json import UNSET, LeanEntry, LeanResource
 
 PATIENT_TOKEN = "{{context.patientId}}"
 MEDICATION_INCLUDE = "MedicationAdministration:medication"
@@ -155,6 +155,13 @@ def _bundle_resources(bundle: dict[str, Any], key: str) -> list[Any]:
         raise HookError(400, f"prefetch.{key}: Bundle.entry must be a list", [f"prefetch.{key}.entry"])
     out: list[Any] = []
     for entry in entries:
+        if type(entry) is LeanEntry:  # (the lean decode of a Bundle that may hold Structs)
+            search = entry.search
+            if search is not UNSET and search.mode == "outcome":
+                continue
+            resource = entry.resource
+            out.append(None if resource is UNSET else resource)
+            continue
         if not isinstance(entry, dict):
             out.append(entry)
             continue
