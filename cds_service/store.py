@@ -315,11 +315,12 @@ FROM card_feedback WHERE card_uuid = ? ORDER BY outcome_timestamp, id
 """
 
 # The silence look-ups start from the feedback given since the cut-off, newest first, and stop at the
-# first one on this patient's card for this trial: their cost is bounded by the feedback of the
-# silence window (rare: an override, a referral), not by how often this chart was opened within the
-# retention period, as it was when they started from the patient's cards (every chart-open issues
-# one per trial shown). `CROSS JOIN` keeps that order in SQLite, whose planner has no statistics and
-# would start from the patient; PostgreSQL reads it as an inner join and plans it from its own.
+# first one on this patient's card for this trial: their cost is bounded by the feedback given
+# within the silence window across the site (clinicians act on few cards), not by how often this
+# chart was opened within the retention period, as it was when they started from the patient's
+# cards (every chart-open issues one per trial shown). `CROSS JOIN` keeps that order in SQLite,
+# whose planner has no statistics and would start from the patient; PostgreSQL reads it as an inner
+# join and plans it from its own.
 _LAST_OVERRIDE = """
 SELECT c.card_uuid, c.status, f.outcome_timestamp, f.reason_code, f.reason_display, f.user_comment
 FROM card_feedback f CROSS JOIN issued_card c

@@ -614,6 +614,19 @@ def test_observation_structs_give_the_facts_their_dicts_give(
     _facts_both_ways(decoder, screener, "observations", observations)
 
 
+def _count_as_dict(monkeypatch: pytest.MonkeyPatch, struct: type[Any]) -> list[int]:
+    """``struct.as_dict`` made to count its calls: the count is the returned list's one item."""
+    calls = [0]
+    as_dict = struct.as_dict
+
+    def counting(self: Any) -> dict[str, Any]:
+        calls[0] += 1
+        return as_dict(self)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(struct, "as_dict", counting)
+    return calls
+
+
 def test_the_struct_path_reads_an_ordinary_chart_without_its_dicts(
     decoder: LeanDecoder, screener: Screener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -621,56 +634,40 @@ def test_the_struct_path_reads_an_ordinary_chart_without_its_dicts(
     (the scenario patients, the benchmark's ICU patient) the dict is built only for the unusual
     resources."""
     at = datetime(2026, 11, 30, 12, tzinfo=UTC)
-    built = 0
-    as_dict = lean_json.LeanResource.as_dict
-
-    def counting(self: lean_json.LeanResource) -> dict[str, Any]:
-        nonlocal built
-        built += 1
-        return as_dict(self)
-
-    monkeypatch.setattr(lean_json.LeanResource, "as_dict", counting)
+    built = _count_as_dict(monkeypatch, lean_json.LeanResource)
     read = 0
     for scenario in all_scenarios(at):
         lean = decoder.decode(orjson.dumps(hook_request(scenario, screener.plan.templates())))
         assert lean is not None
         observations = (lean["prefetch"].get("observations") or {}).get("entry", [])
         resources = [entry.resource for entry in observations]
-        before = built
+        before = built[0]
         facts = extract("p", None, resources, screener.knowledge)
         # (a value converted from another unit, or censored, carries a note)
         noted = sum(1 for series in facts.observations.values() for fact in series if fact.note)
         unusual = noted + len(facts.unusable) + sum(facts.skipped.values())
-        assert built - before <= unusual, scenario.name
+        assert built[0] - before <= unusual, scenario.name
         read += len(resources)
-    assert read > 500 and built < read / 50, (built, read)
+    assert read > 500 and built[0] < read / 50, (built[0], read)
     # An ICU chart's administrations (the benchmark's): vasopressor infusions among other drugs;
     # only the records that name a Medication by reference are read through their dicts.
     patient = bench.make_patient(200, screener.plan.queries, "t", administrations=300)
     lean = decoder.decode(patient.body)
     assert lean is not None
     records = [entry.resource for entry in lean["prefetch"]["medicationAdministrations"]["entry"]]
-    built = 0
+    built[0] = 0
     facts = extract("p", None, records, screener.knowledge)
-    assert facts.administrations and built < len(records) / 4, (built, len(records))
+    assert facts.administrations and built[0] < len(records) / 4, (built[0], len(records))
     # Its blood-pressure panels: each component read from its attributes.
-    components = 0
-    component_as_dict = lean_json.LeanComponent.as_dict
-
-    def counting_components(self: lean_json.LeanComponent) -> dict[str, Any]:
-        nonlocal components
-        components += 1
-        return component_as_dict(self)
-
-    monkeypatch.setattr(lean_json.LeanComponent, "as_dict", counting_components)
+    components = _count_as_dict(monkeypatch, lean_json.LeanComponent)
     observations = [entry.resource for entry in lean["prefetch"]["observations"]["entry"]]
     panels = [r for r in observations if r.component]
-    built = 0
+    built[0] = 0
     facts = extract("p", None, observations, screener.knowledge)
     for part in ("systolic_blood_pressure", "diastolic_blood_pressure"):
         from_components = [f for f in facts.observations[part] if f.note.startswith("component of")]
         assert panels and len(from_components) == len(panels), (part, len(from_components), len(panels))
-    assert built == 0 and components == 0, (built, components)
+    assert built[0] == 0 and components[0] == 0, (built[0], components[0])
 
 
 @pytest.mark.parametrize("kind", [[], {}, 7, None, "Medication", "OperationOutcome"])

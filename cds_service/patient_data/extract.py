@@ -472,7 +472,7 @@ class _Extractor:
         for coding in concept.coding:
             system, code = coding.system, coding.code
             if system is UNSET or code is UNSET:  # the dict path reads an absent one as None
-                break
+                return self._component(component.as_dict(), time, ref, note)
             try:
                 key, item, _ = self._codes[system, code]
             except (KeyError, TypeError):
@@ -490,10 +490,8 @@ class _Extractor:
                     ):
                         fact = (item.name, time, float(value), item.canonical_unit, ref, key, note, "")
                         return item.name, _new_fact(ObservationFact, fact)
-                break
-        else:
-            return None
-        return self._component(component.as_dict(), time, ref, note)
+                return self._component(component.as_dict(), time, ref, note)
+        return None
 
     def _add(self, fact: ObservationFact) -> None:
         series = self.facts.observations.get(fact.input)
