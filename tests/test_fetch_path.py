@@ -241,3 +241,85 @@ def test_the_ca_bundle_of_the_environment_is_used(
 
 def _in(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+class _ClosesKeptConnections:
+    """A FHIR server whose keep-alive timeout always ends just as the client reuses a connection:
+    it answers the first request on each connection (an empty searchset, keep-alive) and closes the
+    connection, unanswered, when a second request arrives on it. ``answer_none``: close every
+    connection at its first request (a server that never answers)."""
+
+    def __init__(self, answer_none: bool = False) -> None:
+        import socket
+
+        self.answer_none = answer_none
+        self.connections = 0
+        self.requests = 0
+        self.answered = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/fhir"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: Any) -> None:
+        body = json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": []}).encode()
+        with connection:
+            pending = b""
+            for index in range(2):
+                while b"\r\n\r\n" not in pending:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    pending += chunk
+                pending = pending.split(b"\r\n\r\n", 1)[1]
+                self.requests += 1
+                if index == 1 or self.answer_none:
+                    return  # closed, unanswered
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
+                    b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n%s" % (len(body), body)
+                )
+                self.answered += 1
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_replaced_not_a_failed_hook() -> None:
+    """A server may close a kept-alive connection (its idle timeout: uvicorn 5 s, nginx 75 s) just as
+    a hook's search goes out on it. The search is sent once more on a new connection, within the
+    deadline, instead of failing the hook with "connection failed" (a 412 for that chart-open)."""
+    server = _ClosesKeptConnections()
+    try:
+        with _client() as client:
+            for _ in range(3):
+                result = client.search_many(server.base_url, None, {"o": "Observation?patient=p"}, _in(5))
+                assert result == {"o": []}
+    finally:
+        server.close()
+    # Each later search met a closed connection, then went out again on a new one.
+    assert (server.connections, server.requests, server.answered) == (3, 5, 3)
+
+
+def test_a_server_that_closes_every_connection_unanswered_fails_after_one_more_attempt() -> None:
+    """Sending again is bounded: one more attempt, then "connection failed" (a 412), in time."""
+    from cds_service.patient_data.fhir_client import DataUnavailable
+
+    server = _ClosesKeptConnections(answer_none=True)
+    started = time.monotonic()
+    try:
+        with _client() as client, pytest.raises(DataUnavailable, match="connection failed"):
+            client.search_many(server.base_url, None, {"o": "Observation?patient=p"}, _in(5))
+    finally:
+        server.close()
+    assert time.monotonic() - started < 2
+    assert (server.connections, server.requests, server.answered) == (2, 2, 0)

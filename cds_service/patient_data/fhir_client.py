@@ -30,6 +30,7 @@ session of its own keeps no cookies (so nothing learnt from one hook's server le
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import http.cookiejar
 import logging
 import os
@@ -199,6 +200,21 @@ def _bundle_resources(bundle: dict[str, Any], label: str) -> list[dict[str, Any]
         if isinstance(resource, dict | LeanResource):  # (a prefetch Bundle's bulk resources)
             resources.append(resource)
     return resources
+
+
+#: What a connection the server closed gives a request sent on it before any answer came back.
+_CLOSED_UNDER_US = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def _closed_before_answering(error: BaseException) -> bool:
+    """True when ``error`` says the server closed the connection before answering the request (no
+    status line came back). Connection refused, timeouts and bodies cut short are not this."""
+    if not isinstance(error, requests.ConnectionError) or not error.args:
+        return False
+    cause = error.args[0]
+    return isinstance(cause, urllib3.exceptions.ProtocolError) and any(
+        isinstance(part, _CLOSED_UNDER_US) for part in cause.args
+    )
 
 
 def _read_body(response: requests.Response, deadline: float, label: str, budget: ByteBudget) -> bytes:
@@ -618,7 +634,13 @@ class FhirClient:
         return kind if kind in self.resource_types else OTHER_RESOURCE_TYPE
 
     def _fetch_json(
-        self, url: str, base_url: str, token: str | None, deadline: float, label: str, budget: ByteBudget
+        self,
+        url: str,
+        base_url: str,
+        token: str | None,
+        deadline: float,
+        label: str,
+        budget: ByteBudget,
     ) -> dict[str, Any]:
         """GET one URL inside ``base_url`` and decode its JSON object, all within the deadline."""
         if not _inside(url, base_url):
@@ -630,25 +652,34 @@ class FhirClient:
         if token and self._token_allowed(url):
             headers["Authorization"] = f"Bearer {token}"
         session, _ = self._pool()
-        try:
-            with session.get(
-                url,
-                headers=headers,
-                timeout=(remaining, remaining),
-                stream=True,
-                allow_redirects=False,
-                proxies=self._proxies_for(url) if session is not self._given_session else None,
-            ) as response:
-                if not 200 <= response.status_code < 300:
-                    note = " (redirects are not followed)" if 300 <= response.status_code < 400 else ""
-                    raise DataUnavailable(f"{label}: HTTP {response.status_code}{note}")
-                body = _read_body(response, deadline, label, budget)
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
-            if time.monotonic() >= deadline or isinstance(error, requests.Timeout):
-                raise DataUnavailable(f"{label}: timed out at the deadline") from None
-            if isinstance(error, requests.ConnectionError):
-                raise DataUnavailable(f"{label}: connection failed") from None
-            raise DataUnavailable(f"{label}: request failed ({type(error).__name__})") from None
+        for attempt in range(2):
+            try:
+                with session.get(
+                    url,
+                    headers=headers,
+                    timeout=(remaining, remaining),
+                    stream=True,
+                    allow_redirects=False,
+                    proxies=self._proxies_for(url) if session is not self._given_session else None,
+                ) as response:
+                    if not 200 <= response.status_code < 300:
+                        note = " (redirects are not followed)" if 300 <= response.status_code < 400 else ""
+                        raise DataUnavailable(f"{label}: HTTP {response.status_code}{note}")
+                    body = _read_body(response, deadline, label, budget)
+                break
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
+                remaining = deadline - time.monotonic()
+                if attempt == 0 and remaining > 0 and _closed_before_answering(error):
+                    # A kept-alive connection the server closed as this request went out (its idle
+                    # timeout ended at that moment): any HTTP client sends an idempotent GET once
+                    # more, on a new connection. The pool has already dropped the closed one.
+                    logger.info("%s: the FHIR server closed a kept-alive connection; sent again", label)
+                    continue
+                if remaining <= 0 or isinstance(error, requests.Timeout):
+                    raise DataUnavailable(f"{label}: timed out at the deadline") from None
+                if isinstance(error, requests.ConnectionError):
+                    raise DataUnavailable(f"{label}: connection failed") from None
+                raise DataUnavailable(f"{label}: request failed ({type(error).__name__})") from None
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
