@@ -16,6 +16,7 @@ extraction read (issue 17). What a user relies on: the same cards, whatever the 
 from __future__ import annotations
 
 import ast
+import time
 import types
 import typing
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from cds_service.patient_data.lean_json import LeanDecoder
 from cds_service.screening import Screener, ScreeningOutcome
 from cds_service.tools import bench
 from cds_service.tools.scenarios import all_scenarios, hook_request
+from tests.fault_server import FaultServer
 from tests.test_corpus import CLINOSIM, HL7, SYNTHEA, _require
 
 #: Keys the scanned modules look up that are not FHIR fields of a request: settings, HTTP headers,
@@ -731,3 +733,69 @@ def test_struct_entries_are_read_as_dict_entries_are(decoder: LeanDecoder, key: 
         assert named(fhir_client._bundle_resources(prefetch_bundle, "prefetch Bundle")) == [
             (kind, "a"), ("Medication", "m"), (kind, "b")
         ]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_fetched_search_page_is_decoded_as_the_same_bundle_in_prefetch(
+    decoder: LeanDecoder, screener: Screener, data: st.DataObject
+) -> None:
+    """With no prefetch, the FHIR client decodes each page of the Observation and administration
+    searches as the lean decoder decodes the same Bundle sent in prefetch: the same Structs, and so
+    the facts the page decoded in full (the oracle) gives."""
+    from cds_service.patient_data import fhir_client
+
+    observations = data.draw(st.lists(_observation_strategy(screener.knowledge), max_size=8))
+    administrations = data.draw(st.lists(_administration_strategy(screener.knowledge), max_size=8))
+    medication = {"resourceType": "Medication", "id": "m1", "code": {"text": "norepinephrine"}}
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "warning", "code": "informational"}],
+    }
+    for key, resources in (
+        ("observations", observations),
+        ("medicationAdministrations", [*administrations, medication]),
+    ):
+        entries: list[dict[str, Any]] = [{"resource": r, "search": {"mode": "match"}} for r in resources]
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+        bundle = {"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "self", "url": "u"}]}
+        raw = orjson.dumps({**bundle, "entry": entries})
+        page = lean_json.decode_search_page(raw)
+        in_prefetch = decoder.decode(orjson.dumps({"prefetch": {key: orjson.loads(raw)}}))
+        assert page is not None and in_prefetch is not None
+        assert page == in_prefetch["prefetch"][key]
+        lean = fhir_client._bundle_resources(page, "page")
+        full = fhir_client._bundle_resources(orjson.loads(raw), "page")
+        assert [type(r) is lean_json.LeanResource for r in lean] == [
+            r["resourceType"] in lean_json.STRUCT_TYPES for r in full
+        ]
+        assert extract("p", None, lean, screener.knowledge) == extract("p", None, full, screener.knowledge)
+
+
+def test_a_fetched_page_out_of_the_ordinary_is_decoded_in_full(fault_server: FaultServer) -> None:
+    """A page the lean shapes do not take (here a code sent as a bare string) comes back exactly as
+    without the lean decode; an ordinary one gives Structs for the Observations only, and never to
+    a caller that did not ask (the client's other users get dicts)."""
+    from cds_service.base.config import DEFAULTS
+    from cds_service.patient_data.fhir_client import FhirClient
+
+    odd = {"resourceType": "Observation", "id": "odd", "status": "final", "code": "8478-0"}
+    usual = {"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "MAP"}}
+    fault_server.bundle("Observation", [odd])
+    fault_server.bundle("Condition", [{"resourceType": "Condition", "id": "c"}])
+    with FhirClient({**DEFAULTS["fhir"], "allow_http": True}) as client:
+        queries = {"o": "Observation?patient=p", "c": "Condition?patient=p"}
+
+        def search(lean: bool) -> dict[str, list[Any]]:
+            return client.search_many(fault_server.base_url, None, queries, time.monotonic() + 5, lean=lean)
+
+        assert (
+            search(lean=True)
+            == search(lean=False)
+            == {"o": [odd], "c": [{"resourceType": "Condition", "id": "c"}]}
+        )
+        fault_server.bundle("Observation", [usual])
+        found = search(lean=True)
+        assert type(found["o"][0]) is lean_json.LeanResource and found["o"][0].as_dict() == usual
+        assert type(found["c"][0]) is dict
+        assert search(lean=False)["o"] == [usual]

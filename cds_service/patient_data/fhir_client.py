@@ -48,7 +48,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri, should_bypass_proxies
 
-from .lean_json import UNSET, LeanEntry, LeanResource
+from .lean_json import STRUCT_TYPES, UNSET, LeanEntry, LeanResource, decode_search_page
 
 __all__ = ["DEADLINE_SLACK", "ByteBudget", "DataUnavailable", "FhirClient", "ServerNotAllowed"]
 
@@ -398,6 +398,7 @@ class FhirClient:
         single_page: Collection[str] = (),
         budget: ByteBudget | None = None,
         follow: Mapping[str, tuple[dict[str, Any], str]] | None = None,
+        lean: bool = False,
     ) -> dict[str, list[dict[str, Any]]]:
         """Run every search concurrently, following ``next`` links; key -> resources (all pages).
 
@@ -409,6 +410,9 @@ class FhirClient:
         :meth:`follow_next` would give, its pages read alongside the searches rather than after them.
         Raises :class:`DataUnavailable` as soon as one search fails, or at the deadline. ``budget``
         (default: a new one of ``max_response_bytes``) is shared by every response read.
+        ``lean``: the Observations and MedicationAdministrations of Observation and administration
+        searches come as :class:`~.lean_json.LeanResource` Structs, as in a prefetch Bundle decoded
+        with the hook request (what gathering gives extraction); otherwise every resource is a dict.
         """
         self.check_server(base_url)
         if not queries and not follow:
@@ -440,6 +444,7 @@ class FhirClient:
                 page_limit=1 if key in single_page else None,
                 budget=budget,
                 kind=_resource_type(query),
+                lean=lean and _resource_type(query) in STRUCT_TYPES,
             )
         done, pending = concurrent.futures.wait(
             futures.values(),
@@ -569,10 +574,12 @@ class FhirClient:
         page_limit: int | None = None,
         budget: ByteBudget | None = None,
         kind: str = "FHIR",
+        lean: bool = False,
     ) -> list[dict[str, Any]]:
         """Fetch ``url`` and every following ``next`` page; ``pages`` = pages already read.
 
         With ``page_limit``, stop quietly after that many pages (the caller asked for a first page).
+        ``lean``: decode the pages with :func:`~.lean_json.decode_search_page`.
         """
         budget = budget or self.new_budget()
         resources: list[dict[str, Any]] = []
@@ -593,7 +600,7 @@ class FhirClient:
                 )
             seen.add(key)
             page_label = label if pages == 0 else f"{label} page {pages + 1}"
-            bundle = self._get_json(absolute, base_url, token, deadline, page_label, budget, kind)
+            bundle = self._get_json(absolute, base_url, token, deadline, page_label, budget, kind, lean)
             resources.extend(_bundle_resources(bundle, page_label))
             pages += 1
             current_url = absolute
@@ -609,17 +616,18 @@ class FhirClient:
         label: str,
         budget: ByteBudget,
         kind: str,
+        lean: bool = False,
     ) -> dict[str, Any]:
         """:meth:`_fetch_json`, reported to ``on_query`` (resource type, seconds, ok) when set.
 
         ``kind`` is the resource type of the service's own query.
         """
         if self.on_query is None:
-            return self._fetch_json(url, base_url, token, deadline, label, budget)
+            return self._fetch_json(url, base_url, token, deadline, label, budget, lean)
         started = time.monotonic()
         ok = False
         try:
-            document = self._fetch_json(url, base_url, token, deadline, label, budget)
+            document = self._fetch_json(url, base_url, token, deadline, label, budget, lean)
             ok = True
             return document
         finally:
@@ -641,8 +649,13 @@ class FhirClient:
         deadline: float,
         label: str,
         budget: ByteBudget,
+        lean: bool = False,
     ) -> dict[str, Any]:
-        """GET one URL inside ``base_url`` and decode its JSON object, all within the deadline."""
+        """GET one URL inside ``base_url`` and decode its JSON object, all within the deadline.
+
+        ``lean``: a page of an Observation or administration search, decoded as the same search's
+        prefetch Bundle is (:func:`~.lean_json.decode_search_page`), in full when not in its shapes.
+        """
         if not _inside(url, base_url):
             raise DataUnavailable(f"{label}: URL outside the FHIR server base URL")
         remaining = deadline - time.monotonic()
@@ -680,6 +693,9 @@ class FhirClient:
                 if isinstance(error, requests.ConnectionError):
                     raise DataUnavailable(f"{label}: connection failed") from None
                 raise DataUnavailable(f"{label}: request failed ({type(error).__name__})") from None
+        document = decode_search_page(body) if lean else None
+        if document is not None:
+            return document
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -258,6 +258,7 @@ def gather(
             single_page=single_page,
             budget=budget,
             follow={key: (bundle, types[key]) for key, bundle in to_follow.items()},
+            lean=True,  # the bulk resources as Structs, as the lean decoder gives them in prefetch
         )
         patients = fetched.pop("patient", None)
         if patients is not None:

@@ -13,7 +13,9 @@ Observations and MedicationAdministrations of the Bundles that search them (most
 :class:`LeanResource` Structs, which cost less to build, to read and to free. Extraction reads their
 common case from their attributes and any other from ``as_dict()``, the dict they stand for;
 gathering (the Medications an administration names) and the FHIR client (paging a prefetch Bundle)
-take them as they are. The rules that keep it the same screening:
+take them as they are. With no prefetch, the FHIR client decodes the pages of its Observation and
+administration searches the same way (:func:`decode_search_page`): extraction gets the same Structs
+whichever way the data came. The rules that keep it the same screening:
 
 - A Struct's ``as_dict()`` is exactly the dict the ``Resource`` shape gives (the same fields, the
   same accepted JSON), and extraction gives the same facts from a Struct as from its dict:
@@ -340,6 +342,23 @@ class LeanDecoder:
                 if bundle:
                     _only_struct_types_as_structs(bundle.get("entry") or ())
         return request
+
+
+_SEARCH_PAGE_DECODER = msgspec.json.Decoder(StructBundle)
+
+
+def decode_search_page(body: bytes) -> dict[str, Any] | None:
+    """A page of a search for one of ``STRUCT_TYPES`` as the FHIR client fetched it, decoded as a
+    prefetch Bundle of the same search is (:class:`LeanDecoder`): its Observations and
+    administrations as :class:`LeanResource`, any other resource as the dict of the ``Resource``
+    shape. None when the body is not in these shapes: the client then decodes it with ``orjson``,
+    and answers (an error included) as before."""
+    try:
+        bundle: dict[str, Any] = _SEARCH_PAGE_DECODER.decode(body)
+    except msgspec.DecodeError:  # ValidationError included
+        return None
+    _only_struct_types_as_structs(bundle.get("entry") or ())
+    return bundle
 
 
 def _only_struct_types_as_structs(entries: list[LeanEntry]) -> None:

@@ -732,9 +732,9 @@ def measure_fetch(
                 issued[key] = (query, key in single_page)
             return super().search_many(base_url, token, queries, deadline, single_page=single_page, **options)
 
-        def _fetch_json(self, url, base_url, token, deadline, label, budget):  # type: ignore[no-untyped-def]
+        def _fetch_json(self, url, base_url, token, deadline, label, budget, lean=False):  # type: ignore[no-untyped-def]
             sent = time.perf_counter()
-            document = super()._fetch_json(url, base_url, token, deadline, label, budget)
+            document = super()._fetch_json(url, base_url, token, deadline, label, budget, lean)
             requests_seen.append((sent, time.perf_counter(), " page " not in label))
             return document
 
