@@ -18,6 +18,7 @@ import pytest
 
 from cds_service.tools import bench
 from cds_service.tools.fhir_server import FhirTestServer
+from tests.fault_server import FaultServer
 
 pytestmark = pytest.mark.fhir
 
@@ -60,6 +61,11 @@ _FETCH_FIGURES = (
     "sum_ratio",
     "machine_floor_ms",
     "machine_floor_ratio",
+    "bare_client_ms",
+    "bare_client_chain_ratio",
+    "client_ratio",
+    "client_cpu_ms",
+    "bare_client_cpu_ms",
 )
 
 
@@ -98,6 +104,8 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
         # The floor: the longest chain, or the searches' total work spread over every core.
         assert fetch["machine_floor_ms"] >= fetch["longest_chain_ms"]
         assert fetch["machine_floor_ms"] >= fetch["sum_of_queries_ms"] / fetch["cores"] - 0.01
+        # The bare client ran the same searches in the same rounds.
+        assert len(fetch["samples_ms"]["bare_client"]) == len(fetch["samples_ms"]["gather"]), fetch
     assert set(results["verdict"]) == {
         "prefetch_in_process_ratio",
         "prefetch_http_ratio",
@@ -105,6 +113,7 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
         "extraction_ratio",
         "fetch_ratio",
         "fetch_ratio_machine_floor",
+        "fetch_ratio_bare_client",
         "throughput",
         "peak_worker_memory_mb",
         "cost_growth",
@@ -138,6 +147,8 @@ def test_bench_runs_at_the_smallest_size_and_reports_every_figure(
         "… gathering (ms)",
         "longest chain of dependent queries",
         "the machine's floor",
+        "from a bare client",
+        "what our client adds",
         "last answer decoded",
         "ms per 1 000 Obs",
         "throughput",
@@ -239,3 +250,52 @@ def test_a_follow_up_search_is_timed_as_a_chain_with_the_search_it_follows() -> 
     }
     without = {key: value for key, value in alone.items() if key != "medications"}
     assert bench.dependent_chains(without, queries) == without
+
+
+def test_the_bare_client_reads_every_page_of_every_chain(fault_server: FaultServer) -> None:
+    """The floor our fetch client is read against sends the same searches: every page of each (the
+    next link found before or after the entries), the Medication reads after the administrations."""
+    server = fault_server
+    server.bundle(
+        "Observation", [{"resourceType": "Observation", "id": "o1"}], next_url=server.url("page2?p=2")
+    )
+    # A server that writes its links after the entries.
+    server.json(
+        "page2",
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": {"resourceType": "Observation", "id": "o2", "note": [{"text": "{}"}]}}],
+            "link": [{"url": server.url("page3"), "relation": "next"}],
+        },
+    )
+    server.bundle("page3", [{"resourceType": "Observation", "id": "o3"}])
+    server.bundle("MedicationAdministration", [{"resourceType": "MedicationAdministration", "id": "a1"}])
+    server.bundle("Medication", [{"resourceType": "Medication", "id": "m1"}])
+    issued = {
+        "observations": "Observation?patient=p&code=x",
+        "administrations": "MedicationAdministration?patient=p",
+        "medications": "Medication?_id=m1",
+    }
+    chains = bench.chains_of(issued)
+    assert chains == {
+        "observations": [issued["observations"]],
+        "administrations + medications": [issued["administrations"], issued["medications"]],
+    }
+    client = bench.BareClient(server.base_url)
+    try:
+        assert client.gather(chains) > 0
+        assert {name: pages for name, (_, pages) in client.read.items()} == {
+            "observations": 3,
+            "administrations + medications": 2,
+        }
+        seen = [(r.path, r.query) for r in server.requests]
+        assert ("/fhir/page2", "p=2") in seen and ("/fhir/page3", "") in seen
+        assert seen.index(("/fhir/MedicationAdministration", "patient=p")) < seen.index(
+            ("/fhir/Medication", "_id=m1")
+        )
+        server.status("Observation", 500)
+        with pytest.raises(RuntimeError, match="HTTP 500 for observations"):
+            client.gather(chains)
+    finally:
+        client.close()

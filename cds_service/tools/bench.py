@@ -17,7 +17,8 @@
   on one store: sekmet's single process (the tests' server, which answers one search at a time, so
   gathering costs the sum of the searches) and ``--fhir-workers`` processes (searches in parallel:
   the issue-17 target is read there), with the machine's floor, max(longest chain, sum of the
-  searches ÷ cores), and the client's own timeline inside a gathering;
+  searches ÷ cores), the client's own timeline inside a gathering, and the same searches sent at
+  once by a bare client (:class:`BareClient`: what the server and the shared cores allow any client);
 * **throughput** — a bounded load (``--load-seconds``, ``--concurrency`` threads, one
   ``requests.Session`` each) from a separate process against the production server with its
   default workers: hooks/s, p50, p99, errors;
@@ -41,10 +42,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import http.client
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -60,6 +63,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import requests
@@ -702,6 +706,122 @@ def load_into_fhir(fhir: Any, resources: list[dict[str, Any]], chunk: int = 2500
     return time.perf_counter() - started
 
 
+class BareClient:
+    """The least any client can do to run a hook's searches: the floor our client is read against.
+
+    One kept-alive ``http.client`` connection per chain of dependent searches, every chain in its
+    own thread at once, each body read to its end and not decoded (a ``next`` link is found in the
+    bytes), no deadline, budget or metrics. Timed in the same rounds as :func:`gather`, it separates
+    what the FHIR server and the cores it shares with the client allow from what our client adds
+    (requests, JSON decoding, the pool). Loopback bench use only: a failed request raises.
+    """
+
+    #: A Bundle ``link`` object whose relation is ``next`` (link objects hold no nested objects).
+    _NEXT_LINK = re.compile(rb'\{[^{}]*"relation"\s*:\s*"next"[^{}]*\}')
+    _URL = re.compile(rb'"url"\s*:\s*"([^"]+)"')
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or parts.hostname is None:
+            raise ValueError(f"the bare client speaks plain HTTP to a local server, not {base_url!r}")
+        self._host, self._port = parts.hostname, parts.port
+        self._base_path = parts.path.rstrip("/") + "/"
+        self._connections: dict[str, http.client.HTTPConnection] = {}
+        #: Bytes read and pages fetched by each chain in the last :meth:`gather`.
+        self.read: dict[str, tuple[int, int]] = {}
+
+    def _target(self, url: str) -> str:
+        """The request target of a search relative to the base URL, or of an absolute next link."""
+        if "://" not in url:
+            return self._base_path + url
+        parts = urlsplit(url)
+        return parts.path + (f"?{parts.query}" if parts.query else "")
+
+    def _get(self, name: str, target: str) -> tuple[int, bytes]:
+        """GET on the chain's kept-alive connection; once more on a new one when the server had
+        closed the kept one (its keep-alive timeout: uvicorn's is 5 s, less than a round at
+        20 000 Observations), as any HTTP client does with an idempotent request."""
+        for attempt in range(2):
+            connection = self._connections.get(name)
+            reused = connection is not None
+            if connection is None:
+                connection = http.client.HTTPConnection(self._host, self._port, timeout=120)
+                self._connections[name] = connection
+            try:
+                connection.request("GET", target, headers={"Accept": "application/fhir+json"})
+                response = connection.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                connection.close()
+                del self._connections[name]
+                if not reused or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def run_chain(self, name: str, searches: list[str]) -> None:
+        """Each search of the chain in turn, all its pages, on the chain's own connection."""
+        size = pages = 0
+        for search in searches:
+            target: str | None = self._target(search)
+            while target is not None:
+                status, body = self._get(name, target)
+                if status != 200:
+                    raise RuntimeError(f"bare client: HTTP {status} for {name}")
+                size, pages = size + len(body), pages + 1
+                # Servers write the links before the entries: look there first, not through megabytes
+                # (and through them only when the word is there at all: a last page has no next link).
+                entries = body.find(b'"entry"')
+                link = self._NEXT_LINK.search(body, 0, entries) if entries > 0 else None
+                if link is None and b'"next"' in body:
+                    link = self._NEXT_LINK.search(body)
+                url = self._URL.search(link.group(0)) if link else None
+                target = self._target(url.group(1).decode().replace("&amp;", "&")) if url else None
+        self.read[name] = (size, pages)
+
+    def gather(self, chains: dict[str, list[str]]) -> float:
+        """Run every chain at once; the wall seconds until the last one has been read."""
+        errors: list[BaseException] = []
+
+        def run(name: str, searches: list[str]) -> None:
+            try:
+                self.run_chain(name, searches)
+            except BaseException as error:  # reported by the caller's thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=item) for item in chains.items()]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        if errors:
+            raise errors[0]
+        return elapsed
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+
+def chains_of(issued: dict[str, str]) -> dict[str, list[str]]:
+    """A hook's searches as chains (:func:`dependent_chains`' keys): the Medication reads after the
+    administrations search, every other search alone."""
+    follow_up = issued.get("medications")
+    chains: dict[str, list[str]] = {}
+    for key, query in issued.items():
+        if key == "medications":
+            continue
+        if follow_up is not None and query.startswith("MedicationAdministration?"):
+            chains[f"{key} + medications"] = [query, follow_up]
+        else:
+            chains[key] = [query]
+    if follow_up is not None and not any(key.endswith(" + medications") for key in chains):
+        chains["medications"] = [follow_up]
+    return chains
+
+
 def measure_fetch(
     fhir_base: str,
     patient: BenchPatient,
@@ -748,6 +868,8 @@ def measure_fetch(
     request = parse_hook_request(body, "patient-view")
     fetched: dict[str, int] = {}
     gather_samples: list[float] = []
+    bare_samples: list[float] = []
+    cpu: dict[str, list[float]] = {"client": [], "bare_client": []}  # this process's CPU per gathering
     timeline: dict[str, list[float]] = {"first_sent": [], "last_sent": [], "after_last_answer": []}
     alone_samples: dict[str, list[float]] = {}
     with RecordingClient(settings) as client:
@@ -756,9 +878,11 @@ def measure_fetch(
             requests_seen.clear()
             at = time.time()
             with gc_paused():  # as in the service: the hook runs with the collector paused
+                cpu_started = time.process_time()
                 started = time.perf_counter()
                 data = gather(request, screener.plan, client, settings, at, time.monotonic() + 60)
                 ended = time.perf_counter()
+                cpu["client"].append(time.process_time() - cpu_started)
             fetched.clear()
             fetched.update({key: len(values) for key, values in data.resources.items()})
             fetched["patient"] = 1 if data.patient else 0
@@ -778,17 +902,31 @@ def measure_fetch(
                 )
                 return time.perf_counter() - started
 
-        gather_once()  # warm-up: connections, threads; and it tells which searches a hook issues
-        for timeline_samples in timeline.values():
-            timeline_samples.clear()
-        for key in issued:
-            alone(key)
-        for _ in range(repeat):
-            gather_samples.append(gather_once())
-            for key in sorted(issued):
-                alone_samples.setdefault(key, []).append(alone(key))
+        def bare_once() -> float:
+            with gc_paused():
+                cpu_started = time.process_time()
+                elapsed = bare.gather(chains_of({key: query for key, (query, _) in issued.items()}))
+                cpu["bare_client"].append(time.process_time() - cpu_started)
+            return elapsed
+
+        bare = BareClient(fhir_base)
+        try:
+            gather_once()  # warm-up: connections, threads; and it tells which searches a hook issues
+            bare_once()
+            for samples in (*timeline.values(), *cpu.values()):
+                samples.clear()
+            for key in issued:
+                alone(key)
+            for _ in range(repeat):
+                gather_samples.append(gather_once())
+                bare_samples.append(bare_once())
+                for key in sorted(issued):
+                    alone_samples.setdefault(key, []).append(alone(key))
+        finally:
+            bare.close()
     per_query = {key: statistics.median(samples) for key, samples in alone_samples.items()}
     gather_median = statistics.median(gather_samples)
+    bare_median = statistics.median(bare_samples)
     slowest_key = max(per_query, key=per_query.__getitem__)
     chains = dependent_chains(per_query, {key: query for key, (query, _) in issued.items()})
     longest_chain = max(chains, key=chains.__getitem__)
@@ -820,8 +958,16 @@ def measure_fetch(
         # until the last search is sent (its first page: next pages wait for the page before them),
         # and from the last answer decoded to gather's return.
         "client_ms": {key: _ms(statistics.median(values)) for key, values in timeline.items() if values},
+        # The same searches sent at once by the bare client, in the same rounds: what the server and
+        # the cores it shares with the client allow. gathering ÷ bare client is what our client adds.
+        "bare_client_ms": _ms(bare_median),
+        "bare_client_chain_ratio": round(bare_median / chains[longest_chain], 2),
+        "client_ratio": round(gather_median / bare_median, 2),
+        "client_cpu_ms": _ms(statistics.median(cpu["client"])),
+        "bare_client_cpu_ms": _ms(statistics.median(cpu["bare_client"])),
         "samples_ms": {
             "gather": [_ms(x) for x in gather_samples],
+            "bare_client": [_ms(x) for x in bare_samples],
             **{key: [_ms(x) for x in values] for key, values in sorted(alone_samples.items())},
         },
         "fetched": fetched,
@@ -1118,6 +1264,14 @@ def verdict(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         f"≤ {t['fetch_ratio_max']}× max(longest chain, sum of the searches ÷ {cores} cores), at every size "
         "(what the machine allows; not the issue's target)",
     )
+    worst_client = max(results["sizes"][str(s)]["fetch_concurrent"]["client_ratio"] for s in sizes)
+    check(
+        "fetch_ratio_bare_client",
+        worst_client,
+        worst_client <= t["fetch_ratio_max"],
+        f"≤ {t['fetch_ratio_max']}× the same searches sent at once by a bare client in the same rounds, "
+        "at every size (what our client adds; not the issue's target)",
+    )
     load = results["throughput"]
     check(
         "throughput",
@@ -1272,6 +1426,24 @@ def markdown(results: dict[str, Any]) -> str:
                     if parallel
                     else ()
                 ),
+            ),
+            row(
+                "… the same searches at once from a bare client (`http.client`, bodies not decoded) (ms)",
+                [x["bare_client_ms"] for x in f],
+            ),
+            row("… bare client ÷ longest chain", [f"{x['bare_client_chain_ratio']}×" for x in f]),
+            row(
+                "… gathering ÷ bare client (what our client adds)",
+                [f"{x['client_ratio']}×" for x in f],
+                *(
+                    (v["fetch_ratio_bare_client"]["target"], v["fetch_ratio_bare_client"]["met"])
+                    if parallel
+                    else ()
+                ),
+            ),
+            row(
+                "… client CPU per gathering: ours / bare client (ms)",
+                [f"{x['client_cpu_ms']} / {x['bare_client_cpu_ms']}" for x in f],
             ),
             row(
                 "… client: first search sent / last search sent / last answer decoded → gather returned (ms)",
