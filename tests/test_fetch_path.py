@@ -253,6 +253,7 @@ class _ClosesKeptConnections:
         import socket
 
         self.answer_none = answer_none
+        self._counting = threading.Lock()  # the counts are read by the test as soon as it is answered
         self.connections = 0
         self.requests = 0
         self.answered = 0
@@ -267,7 +268,8 @@ class _ClosesKeptConnections:
                 connection, _ = self._listener.accept()
             except OSError:
                 return
-            self.connections += 1
+            with self._counting:
+                self.connections += 1
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection: Any) -> None:
@@ -281,14 +283,17 @@ class _ClosesKeptConnections:
                         return
                     pending += chunk
                 pending = pending.split(b"\r\n\r\n", 1)[1]
-                self.requests += 1
-                if index == 1 or self.answer_none:
+                with self._counting:
+                    self.requests += 1
+                    answering = index == 0 and not self.answer_none
+                    if answering:  # counted before the client can see the answer
+                        self.answered += 1
+                if not answering:
                     return  # closed, unanswered
                 connection.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
                     b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n%s" % (len(body), body)
                 )
-                self.answered += 1
 
     def close(self) -> None:
         self._listener.close()
