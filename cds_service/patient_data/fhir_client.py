@@ -430,7 +430,8 @@ class FhirClient:
             labels[key] = paging.label
             futures[key] = executor.submit(self._after_first_page, paging, base_url, token, deadline, budget)
         for key, query in queries.items():
-            labels[key] = f"{_resource_type(query)} query ({key})"
+            kind = _resource_type(query)
+            labels[key] = f"{kind} query ({key})"
             futures[key] = executor.submit(
                 self._follow,
                 base_url,
@@ -443,8 +444,8 @@ class FhirClient:
                 pages=0,
                 page_limit=1 if key in single_page else None,
                 budget=budget,
-                kind=_resource_type(query),
-                lean=lean and _resource_type(query) in STRUCT_TYPES,
+                kind=kind,
+                lean=lean and kind in STRUCT_TYPES,
             )
         done, pending = concurrent.futures.wait(
             futures.values(),

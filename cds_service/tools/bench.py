@@ -805,21 +805,27 @@ class BareClient:
         self._connections.clear()
 
 
-def chains_of(issued: dict[str, str]) -> dict[str, list[str]]:
-    """A hook's searches as chains (:func:`dependent_chains`' keys): the Medication reads after the
-    administrations search, every other search alone."""
-    follow_up = issued.get("medications")
+def _chain_keys(queries: dict[str, str]) -> dict[str, list[str]]:
+    """A hook's searches (key → query) as chains of keys: the Medication reads (``gather.
+    fetch_medications``, key ``medications``) after the administrations search, every other search
+    alone. Named by the first search ("administrations + medications" when there is a follow-up)."""
     chains: dict[str, list[str]] = {}
-    for key, query in issued.items():
+    follow_up = "medications" in queries
+    for key, query in queries.items():
         if key == "medications":
             continue
-        if follow_up is not None and query.startswith("MedicationAdministration?"):
-            chains[f"{key} + medications"] = [query, follow_up]
+        if follow_up and query.startswith("MedicationAdministration?"):
+            chains[f"{key} + medications"] = [key, "medications"]
         else:
-            chains[key] = [query]
-    if follow_up is not None and not any(key.endswith(" + medications") for key in chains):
-        chains["medications"] = [follow_up]
+            chains[key] = [key]
+    if follow_up and not any(name.endswith(" + medications") for name in chains):
+        chains["medications"] = ["medications"]  # a follow-up with no administrations search: alone
     return chains
+
+
+def chains_of(issued: dict[str, str]) -> dict[str, list[str]]:
+    """A hook's searches as chains of queries (:func:`dependent_chains`' keys), for the bare client."""
+    return {name: [issued[key] for key in keys] for name, keys in _chain_keys(issued).items()}
 
 
 def measure_fetch(
@@ -905,13 +911,14 @@ def measure_fetch(
         def bare_once() -> float:
             with gc_paused():
                 cpu_started = time.process_time()
-                elapsed = bare.gather(chains_of({key: query for key, (query, _) in issued.items()}))
+                elapsed = bare.gather(bare_chains)
                 cpu["bare_client"].append(time.process_time() - cpu_started)
             return elapsed
 
         bare = BareClient(fhir_base)
         try:
             gather_once()  # warm-up: connections, threads; and it tells which searches a hook issues
+            bare_chains = chains_of({key: query for key, (query, _) in issued.items()})
             bare_once()
             for samples in (*timeline.values(), *cpu.values()):
                 samples.clear()
@@ -980,18 +987,8 @@ def dependent_chains(per_query: dict[str, float], queries: dict[str, str]) -> di
     """Each search's time alone, plus that of the follow-up search it made necessary: the Medication
     reads (``gather.fetch_medications``, key ``medications``) follow the administrations search.
     Keyed by the first search of the chain ("administrations + medications" when there is one)."""
-    follow_up = per_query.get("medications")
-    chains: dict[str, float] = {}
-    for key, seconds in per_query.items():
-        if key == "medications":
-            continue
-        if follow_up is not None and queries.get(key, "").startswith("MedicationAdministration?"):
-            chains[f"{key} + medications"] = seconds + follow_up
-        else:
-            chains[key] = seconds
-    if follow_up is not None and not any(key.endswith(" + medications") for key in chains):
-        chains["medications"] = follow_up  # a follow-up with no administrations search: alone
-    return chains
+    timed = {key: queries.get(key, "") for key in per_query}
+    return {name: sum(per_query[key] for key in keys) for name, keys in _chain_keys(timed).items()}
 
 
 # -- the run ---------------------------------------------------------------------------------------
