@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from cds_service.base.config import DEFAULTS, load_settings
+from cds_service.patient_data import fhir_client
 from cds_service.patient_data.fhir_client import FhirClient
 from cds_service.patient_data.gather import gather
 from cds_service.patient_data.hook_request import parse_hook_request
@@ -219,6 +221,43 @@ def test_netrc_credentials_are_never_sent(
         client.search_many(fault_server.base_url, None, {"o": "Observation?patient=p"}, _in(5))
         client.search_many(fault_server.base_url, TOKEN, {"o": "Observation?patient=p"}, _in(5))
     assert [r.header("Authorization") for r in fault_server.requests] == [None, f"Bearer {TOKEN}"]
+
+
+def test_each_request_is_the_one_requests_would_send(
+    fault_server: FaultServer, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The client sends a copy of a GET prepared once (issue 17): the server must see what
+    ``requests.Session.get`` sends (request target requoted the same way, the same headers), for
+    the first page of a search and for a next link with characters that need quoting. A next link
+    carrying user:password gets the hook's token, not Basic credentials of the server's choosing."""
+    next_page = "/fhir/next-page?_getpages=a|b c~&_page=%7e2&t=2026-11-18T00:00:00+01:00"
+    fault_server.bundle("/fhir/Observation", [], next_url=fault_server.origin + next_page)
+    fault_server.bundle("/fhir/next-page", [{"resourceType": "Observation", "id": "o1"}])
+    search = "Observation?patient=p-1&code=http:%2F%2Floinc.org|2524-7,http:%2F%2Floinc.org|32693-4"
+    with _client() as client:
+        result = client.search_many(fault_server.base_url, TOKEN, {"o": search}, _in(5))
+    assert [r["id"] for r in result["o"]] == ["o1"]
+    ours = fault_server.requests
+    fault_server.reset()
+    fault_server.bundle("/fhir/Observation", [], next_url=fault_server.origin + next_page)
+    fault_server.bundle("/fhir/next-page", [{"resourceType": "Observation", "id": "o1"}])
+    with requests.Session() as session:
+        session.trust_env = False
+        session.headers["User-Agent"] = fhir_client._USER_AGENT
+        headers = {"Accept": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"}
+        for url in (f"{fault_server.base_url}/{search}", fault_server.origin + next_page):
+            session.get(url, headers=headers, allow_redirects=False).close()
+    theirs = fault_server.requests
+    assert len(ours) == 2 and ours == theirs
+    assert "%7C" in ours[0].query and "b%20c~" in ours[1].query  # requoted, as requests does
+
+    fault_server.reset()
+    credentials_link = fault_server.origin.replace("//", "//someone:secret@") + "/fhir/next-page"
+    fault_server.bundle("/fhir/Observation", [], next_url=credentials_link)
+    fault_server.bundle("/fhir/next-page", [])
+    with _client() as client:
+        client.search_many(fault_server.base_url, TOKEN, {"o": "Observation?patient=p-1"}, _in(5))
+    assert [r.header("Authorization") for r in fault_server.requests] == [f"Bearer {TOKEN}"] * 2
 
 
 def test_the_ca_bundle_of_the_environment_is_used(

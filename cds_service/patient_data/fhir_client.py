@@ -311,6 +311,12 @@ class FhirClient:
         self._env_proxies = {key: url for key, url in getproxies().items() if key != "no"}
         self._no_proxy = getproxies().get("no")
         self._proxies_by_origin: dict[tuple[str, str, int | None], dict[str, str]] = {}
+        # Every GET this session sends is this one with its URL (and token) put in: prepared once,
+        # copied per request (see `_send_get`).
+        self._prepared_get = requests.PreparedRequest()
+        self._prepared_get.prepare(
+            method="GET", url="http://fhir.invalid/", headers={**session.headers, "Accept": _ACCEPT}
+        )
         return session
 
     def _proxies_for(self, url: str) -> dict[str, str]:
@@ -642,6 +648,41 @@ class FhirClient:
             return kind if _RESOURCE_TYPE.match(kind) else "FHIR"
         return kind if kind in self.resource_types else OTHER_RESOURCE_TYPE
 
+    def _send_get(
+        self, session: requests.Session, url: str, authorization: str | None, timeout: float
+    ) -> requests.Response:
+        """GET ``url`` on ``session``: streamed, redirects not followed, proxies as the environment
+        said at start-up (see :meth:`_new_session`).
+
+        On the client's own session the request is a copy of one prepared at start-up, with its URL
+        (requoted, as requests would) and the token put in, sent with ``Session.send``.
+        ``Session.get`` would prepare it anew each time, merging the session's headers, cookies,
+        auth and environment, none of which changes: ~0.18 ms of CPU per request against ~0.03,
+        for the nine or so requests a hook makes while its searches run (issue 17). What goes on
+        the wire is the same, except that no user:password in a ``next`` link becomes an
+        Authorization header (the allow-list already refuses a base URL that carries one).
+        """
+        if session is self._given_session:
+            headers = {"Accept": _ACCEPT}
+            if authorization:
+                headers["Authorization"] = authorization
+            return session.get(
+                url, headers=headers, timeout=(timeout, timeout), stream=True, allow_redirects=False
+            )
+        prepared = self._prepared_get.copy()
+        prepared.url = requote_uri(url)
+        if authorization:
+            prepared.headers["Authorization"] = authorization
+        return session.send(
+            prepared,
+            timeout=(timeout, timeout),
+            stream=True,
+            allow_redirects=False,
+            proxies=self._proxies_for(url),
+            verify=session.verify,
+            cert=None,
+        )
+
     def _fetch_json(
         self,
         url: str,
@@ -662,20 +703,11 @@ class FhirClient:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DataUnavailable(f"{label}: deadline exceeded")
-        headers = {"Accept": _ACCEPT}
-        if token and self._token_allowed(url):
-            headers["Authorization"] = f"Bearer {token}"
+        authorization = f"Bearer {token}" if token and self._token_allowed(url) else None
         session, _ = self._pool()
         for attempt in range(2):
             try:
-                with session.get(
-                    url,
-                    headers=headers,
-                    timeout=(remaining, remaining),
-                    stream=True,
-                    allow_redirects=False,
-                    proxies=self._proxies_for(url) if session is not self._given_session else None,
-                ) as response:
+                with self._send_get(session, url, authorization, remaining) as response:
                     if not 200 <= response.status_code < 300:
                         note = " (redirects are not followed)" if 300 <= response.status_code < 400 else ""
                         raise DataUnavailable(f"{label}: HTTP {response.status_code}{note}")
